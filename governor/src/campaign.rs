@@ -171,7 +171,12 @@ impl Recipients {
         let header = match r.read_raw(MAX_COLUMNS + 1) {
             Ok(Some(h)) => h,
             Ok(None) => return Err(CampaignError::Empty { path: r.path }),
-            Err(source) => return Err(CampaignError::Read { path: r.path, source }),
+            Err(source) => {
+                return Err(CampaignError::Read {
+                    path: r.path,
+                    source,
+                });
+            }
         };
         let header_err = |problem: String| CampaignError::Header {
             path: path.to_path_buf(),
@@ -204,7 +209,11 @@ impl Recipients {
         }
         let Some(email_col) = names.iter().position(|n| n.eq_ignore_ascii_case("email")) else {
             let looks_like_data = names.iter().any(|n| n.contains('@'));
-            let found = names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+            let found = names
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ");
             return Err(header_err(if looks_like_data {
                 format!(
                     "no header line (found {found}); the first line must name the columns, \
@@ -281,7 +290,10 @@ impl Recipients {
             if buf.is_empty() {
                 return Ok(None);
             }
-            let n = buf.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+            let n = buf
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .count();
             let newlines = buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
             let more = n == buf.len();
             self.input.consume(n);
@@ -346,7 +358,10 @@ impl Recipients {
             reason,
         };
         if let Some((col, len)) = rec.oversize {
-            let name = self.fields.get(col).map_or("(extra column)", |s| s.as_str());
+            let name = self
+                .fields
+                .get(col)
+                .map_or("(extra column)", |s| s.as_str());
             return invalid(format!(
                 "field `{name}` is {len} bytes, over field_max_bytes ({})",
                 self.field_max
@@ -468,7 +483,10 @@ pub fn validate_address(addr: &str) -> Result<(), String> {
         (local, domain)
     };
     if local.len() > 64 {
-        return Err(format!("local part is {} bytes, at most 64 allowed", local.len()));
+        return Err(format!(
+            "local part is {} bytes, at most 64 allowed",
+            local.len()
+        ));
     }
     check_domain(domain)
 }
@@ -528,10 +546,9 @@ fn check_domain(domain: &str) -> Result<(), String> {
             return Err("domain label starts or ends with a hyphen".into());
         }
         // ASCII LDH labels, or U-labels (IDN) which are converted to A-labels at delivery.
-        if let Some(c) = label
-            .chars()
-            .find(|&c| !(c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && c.is_alphanumeric())))
-        {
+        if let Some(c) = label.chars().find(|&c| {
+            !(c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && c.is_alphanumeric()))
+        }) {
             return Err(if c.is_whitespace() || c.is_control() {
                 "space or control character in domain".into()
             } else {
@@ -568,7 +585,11 @@ pub fn ingest_all(
     if campaign.ingest_done {
         return Ok(stats);
     }
-    let batch = if batch == 0 { DEFAULT_INGEST_BATCH } else { batch };
+    let batch = if batch == 0 {
+        DEFAULT_INGEST_BATCH
+    } else {
+        batch
+    };
     recipients.skip_rows(campaign.rows_ingested)?;
     let mut ingested = campaign.rows_ingested;
     let mut rows = Vec::with_capacity(batch);
@@ -655,11 +676,17 @@ pub(crate) mod tests {
             ("a@exa mple.com", "space or control character in domain"),
             ("a@example..com", "empty label in domain (misplaced dot)"),
             ("a@example.com.", "empty label in domain (misplaced dot)"),
-            ("a@-example.com", "domain label starts or ends with a hyphen"),
+            (
+                "a@-example.com",
+                "domain label starts or ends with a hyphen",
+            ),
             ("a@ex_ample.com", "character `_` not allowed in domain"),
             ("a\r\nBcc: x@example.com", "control character in local part"),
             ("a\r\n@example.com", "control character in local part"),
-            ("\"unterminated@example.com", "unterminated quoted local part"),
+            (
+                "\"unterminated@example.com",
+                "unterminated quoted local part",
+            ),
             ("\"q\"x@example.com", "text between quoted local part and @"),
             ("a@[300.1.1.1]", "bad address literal [300.1.1.1]"),
         ];
@@ -667,14 +694,21 @@ pub(crate) mod tests {
             assert_eq!(validate_address(a), Err(why.to_string()), "{a:?}");
         }
         let long_local = format!("{}@example.com", "a".repeat(65));
-        assert!(validate_address(&long_local).unwrap_err().contains("at most 64"));
+        assert!(
+            validate_address(&long_local)
+                .unwrap_err()
+                .contains("at most 64")
+        );
     }
 
     /// Every row of the shared corpus is classified as its `note` column says.
     #[test]
     fn corpus_rows_classified_as_noted() {
         let r = Recipients::open(Path::new(CORPUS), 64 * 1024).unwrap();
-        assert_eq!(r.fields(), ["email", "first_name", "last_name", "city", "note"]);
+        assert_eq!(
+            r.fields(),
+            ["email", "first_name", "last_name", "city", "note"]
+        );
         let rows: Vec<Row> = r.collect();
         assert_eq!(rows.len(), 23);
         let mut invalid = Vec::new();
@@ -697,19 +731,29 @@ pub(crate) mod tests {
         assert_eq!(
             invalid,
             vec![
-                (22, "not-an-address".into(), "bad address in `email`: no @".into()),
+                (
+                    22,
+                    "not-an-address".into(),
+                    "bad address in `email`: no @".into()
+                ),
                 (
                     23,
                     "missing-domain@".into(),
                     "bad address in `email`: missing domain".into()
                 ),
-                (24, "two@@example.com".into(), "bad address in `email`: two @".into()),
+                (
+                    24,
+                    "two@@example.com".into(),
+                    "bad address in `email`: two @".into()
+                ),
             ]
         );
         let by_note = |note: &str| {
             rows.iter()
                 .find_map(|r| match r {
-                    Row::Valid { values, line, .. } if values[4] == note => Some((*line, values.clone())),
+                    Row::Valid { values, line, .. } if values[4] == note => {
+                        Some((*line, values.clone()))
+                    }
                     _ => None,
                 })
                 .unwrap_or_else(|| panic!("no valid row noted {note:?}"))
@@ -717,7 +761,10 @@ pub(crate) mod tests {
         let (line, v) = by_note("quoted local part, valid");
         assert_eq!((line, v[0].as_str()), (11, "\"odd user\"@example.com"));
         let (line, v) = by_note("CRLF header injection");
-        assert_eq!((line, v[1].as_str()), (12, "Alice\r\nBcc: someone@example.net"));
+        assert_eq!(
+            (line, v[1].as_str()),
+            (12, "Alice\r\nBcc: someone@example.net")
+        );
         let (line, v) = by_note("LF header injection");
         assert_eq!((line, v[1].as_str()), (14, "Bob\nBcc: someone@example.net"));
         let (line, v) = by_note("body injection");
@@ -727,7 +774,10 @@ pub(crate) mod tests {
         assert_eq!(by_note("NUL in name").1[1], "Nul\0Name");
         assert_eq!(by_note("tab in name").1[1], "Tab\tName");
         assert_eq!(by_note("quote and backslash").1[1], "Jo \"JJ\" \\ Jones");
-        assert_eq!(by_note("utf8 local part: needs SMTPUTF8").1[0], "ñandú@example.com");
+        assert_eq!(
+            by_note("utf8 local part: needs SMTPUTF8").1[0],
+            "ñandú@example.com"
+        );
         // Duplicates are the spool's business: both alice rows are valid here.
         assert_eq!(by_note("duplicate address").0, 25);
         assert_eq!(rows.last().unwrap().line(), 28);
@@ -740,9 +790,15 @@ pub(crate) mod tests {
         assert!(matches!(e, CampaignError::Empty { .. }));
         let msg = e.to_string();
         assert!(msg.starts_with(&p.display().to_string()), "{msg}");
-        assert!(msg.contains("header line") && msg.contains("`email`"), "{msg}");
+        assert!(
+            msg.contains("header line") && msg.contains("`email`"),
+            "{msg}"
+        );
         let (p, _d) = tmp("blank", b"\r\n\n");
-        assert!(matches!(Recipients::open(&p, 100), Err(CampaignError::Empty { .. })));
+        assert!(matches!(
+            Recipients::open(&p, 100),
+            Err(CampaignError::Empty { .. })
+        ));
     }
 
     #[test]
@@ -761,7 +817,10 @@ pub(crate) mod tests {
                 b"name,city\nA,B\n",
                 "no `email` column (found `name`, `city`); the header must name one column `email`",
             ),
-            (b"alice@example.com,Alice\n", "no header line (found `alice@example.com`, `Alice`)"),
+            (
+                b"alice@example.com,Alice\n",
+                "no header line (found `alice@example.com`, `Alice`)",
+            ),
             (b"email,name,name\n", "column `name` appears twice"),
             (b"email,n\xffame\n", "column 2 name is not valid UTF-8"),
         ];
@@ -843,10 +902,15 @@ pub(crate) mod tests {
 
     #[test]
     fn unterminated_quote_is_one_invalid_row_not_a_crash() {
-        let (p, _d) = tmp("unterminated", b"email,name\na@example.com,\"open\nb@example.com,B\n");
+        let (p, _d) = tmp(
+            "unterminated",
+            b"email,name\na@example.com,\"open\nb@example.com,B\n",
+        );
         let rows: Vec<Row> = Recipients::open(&p, 100).unwrap().collect();
         assert_eq!(rows.len(), 1);
-        assert!(matches!(&rows[0], Row::Valid { line: 2, values, .. } if values[1] == "open\nb@example.com,B\n"));
+        assert!(
+            matches!(&rows[0], Row::Valid { line: 2, values, .. } if values[1] == "open\nb@example.com,B\n")
+        );
     }
 
     #[test]
@@ -858,7 +922,10 @@ pub(crate) mod tests {
         assert_eq!(rest, vec![4]);
         let mut r = Recipients::open(&p, 100).unwrap();
         let e = r.skip_rows(5).unwrap_err().to_string();
-        assert!(e.contains("already ingested 5 rows") && e.contains("only 3"), "{e}");
+        assert!(
+            e.contains("already ingested 5 rows") && e.contains("only 3"),
+            "{e}"
+        );
     }
 
     /// Streaming: a large file is read with a bounded buffer. (Structure check: a million rows

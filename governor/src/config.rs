@@ -27,7 +27,12 @@ use serde::Deserialize;
 pub const FD_RESERVE: u64 = 64;
 
 /// Keys that SIGHUP applies without a restart.
-pub const RELOADABLE_KEYS: &[&str] = &["target_rate", "min_workers", "max_workers", "control_interval"];
+pub const RELOADABLE_KEYS: &[&str] = &[
+    "target_rate",
+    "min_workers",
+    "max_workers",
+    "control_interval",
+];
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -282,7 +287,14 @@ impl Check<'_> {
     }
 
     /// A count in `min..=max`.
-    fn int(&self, key: &str, v: Option<i64>, default: i64, min: i64, max: i64) -> Result<i64, ConfigError> {
+    fn int(
+        &self,
+        key: &str,
+        v: Option<i64>,
+        default: i64,
+        min: i64,
+        max: i64,
+    ) -> Result<i64, ConfigError> {
         let v = v.unwrap_or(default);
         if v < min || v > max {
             let want = if max == i64::MAX || max == u32::MAX as i64 {
@@ -296,11 +308,21 @@ impl Check<'_> {
     }
 
     /// Seconds as a float, `> 0` (or `>= min` when `min > 0`).
-    fn secs(&self, key: &str, v: Option<f64>, default: f64, min: f64) -> Result<Duration, ConfigError> {
+    fn secs(
+        &self,
+        key: &str,
+        v: Option<f64>,
+        default: f64,
+        min: f64,
+    ) -> Result<Duration, ConfigError> {
         let v = v.unwrap_or(default);
         let ok = v.is_finite() && v <= MAX_SECS && if min > 0.0 { v >= min } else { v > 0.0 };
         if !ok {
-            let want = if min > 0.0 { format!(">= {min}") } else { "> 0".to_string() };
+            let want = if min > 0.0 {
+                format!(">= {min}")
+            } else {
+                "> 0".to_string()
+            };
             return Err(self.err(
                 key,
                 format!("must be a number of seconds {want} and at most {MAX_SECS:e} (got {v})"),
@@ -310,17 +332,29 @@ impl Check<'_> {
     }
 
     fn resolve(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() { p.to_path_buf() } else { self.dir.join(p) }
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
     }
 
     /// `p` must be a readable regular file; returns its size.
     fn readable(&self, key: &str, p: &Path) -> Result<u64, ConfigError> {
         let hint = format!("relative paths are resolved against {}", self.dir.display());
-        let meta = std::fs::File::open(p).and_then(|f| f.metadata()).map_err(|e| {
-            self.err(key, format!("cannot read {}: {} ({hint})", p.display(), io_reason(&e)))
-        })?;
+        let meta = std::fs::File::open(p)
+            .and_then(|f| f.metadata())
+            .map_err(|e| {
+                self.err(
+                    key,
+                    format!("cannot read {}: {} ({hint})", p.display(), io_reason(&e)),
+                )
+            })?;
         if !meta.is_file() {
-            return Err(self.err(key, format!("{} is not a regular file ({hint})", p.display())));
+            return Err(self.err(
+                key,
+                format!("{} is not a regular file ({hint})", p.display()),
+            ));
         }
         Ok(meta.len())
     }
@@ -330,17 +364,28 @@ fn to_u32(v: i64) -> u32 {
     u32::try_from(v).expect("range checked")
 }
 
-fn timeout_ms(check: &Check, key: &str, v: Option<f64>, default_ms: u32) -> Result<u32, ConfigError> {
+fn timeout_ms(
+    check: &Check,
+    key: &str,
+    v: Option<f64>,
+    default_ms: u32,
+) -> Result<u32, ConfigError> {
     let v = v.unwrap_or(f64::from(default_ms) / 1000.0);
     let max = f64::from(u32::MAX) / 1000.0;
     if !(v.is_finite() && v > 0.0 && v <= max) {
-        return Err(check.err(key, format!("must be a number of seconds > 0 and at most {max:.0} (got {v})")));
+        return Err(check.err(
+            key,
+            format!("must be a number of seconds > 0 and at most {max:.0} (got {v})"),
+        ));
     }
     Ok(((v * 1000.0).round() as u32).max(1))
 }
 
 fn valid_campaign_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 impl Config {
@@ -360,8 +405,14 @@ impl Config {
     pub fn parse(path: &Path, text: &str, nofile_soft: u64) -> Result<Config, ConfigError> {
         let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(&path, text, e))?;
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
-        let c = Check { path: &path, dir: &dir };
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/"));
+        let c = Check {
+            path: &path,
+            dir: &dir,
+        };
 
         let target_rate = match raw.target_rate {
             None => {
@@ -384,7 +435,9 @@ impl Config {
             ));
         }
         let sessions = c.int("sessions", raw.sessions, 4, 1, 1000)?;
-        let fds = (max_workers as u64).saturating_mul(sessions as u64).saturating_add(FD_RESERVE);
+        let fds = (max_workers as u64)
+            .saturating_mul(sessions as u64)
+            .saturating_add(FD_RESERVE);
         if fds > nofile_soft {
             return Err(c.err(
                 "max_workers",
@@ -407,18 +460,29 @@ impl Config {
                 u32::MAX as i64,
             )?),
             restart_period: c.secs("supervisor.restart_period", s.restart_period, 30.0, 0.0)?,
-            restart_backoff_max: c.secs("supervisor.restart_backoff_max", s.restart_backoff_max, 30.0, 0.0)?,
+            restart_backoff_max: c.secs(
+                "supervisor.restart_backoff_max",
+                s.restart_backoff_max,
+                30.0,
+                0.0,
+            )?,
             shutdown_grace: c.secs("supervisor.shutdown_grace", s.shutdown_grace, 10.0, 0.0)?,
         };
 
         let r = raw.relay;
         let host = r.host.unwrap_or_else(|| "127.0.0.1".into());
         if host.trim().is_empty() || host.contains(char::is_whitespace) {
-            return Err(c.err("relay.host", format!("must be a host name or IP address (got {host:?})")));
+            return Err(c.err(
+                "relay.host",
+                format!("must be a host name or IP address (got {host:?})"),
+            ));
         }
         let port = match r.port {
             None => {
-                return Err(c.err("relay.port", "required: the relay's TCP port, e.g. `port = 25` under [relay]"));
+                return Err(c.err(
+                    "relay.port",
+                    "required: the relay's TCP port, e.g. `port = 25` under [relay]",
+                ));
             }
             Some(p) => to_u32(c.int("relay.port", Some(p), 0, 1, 65535)?) as u16,
         };
@@ -438,15 +502,24 @@ impl Config {
             (None, None) => None,
             (Some(username), Some(password)) => Some(Auth { username, password }),
             (Some(_), None) => {
-                return Err(c.err("relay.password", "missing: relay.username is set; set both or neither"));
+                return Err(c.err(
+                    "relay.password",
+                    "missing: relay.username is set; set both or neither",
+                ));
             }
             (None, Some(_)) => {
-                return Err(c.err("relay.username", "missing: relay.password is set; set both or neither"));
+                return Err(c.err(
+                    "relay.username",
+                    "missing: relay.password is set; set both or neither",
+                ));
             }
         };
         let helo = r.helo.unwrap_or_else(|| "localhost".into());
         if helo.is_empty() || helo.contains(|ch: char| ch.is_whitespace() || ch.is_control()) {
-            return Err(c.err("relay.helo", format!("must be a host name without spaces (got {helo:?})")));
+            return Err(c.err(
+                "relay.helo",
+                format!("must be a host name without spaces (got {helo:?})"),
+            ));
         }
         let ca_file = match r.ca_file {
             None => None,
@@ -507,9 +580,20 @@ impl Config {
         let frame = protocol::MAX_FRAME as i64;
         let l = raw.limits;
         let limits = Limits {
-            template_max_bytes: c.int("limits.template_max_bytes", l.template_max_bytes, 1 << 20, 1, frame / 2)?
-                as usize,
-            field_max_bytes: c.int("limits.field_max_bytes", l.field_max_bytes, 64 << 10, 1, 1 << 20)? as usize,
+            template_max_bytes: c.int(
+                "limits.template_max_bytes",
+                l.template_max_bytes,
+                1 << 20,
+                1,
+                frame / 2,
+            )? as usize,
+            field_max_bytes: c.int(
+                "limits.field_max_bytes",
+                l.field_max_bytes,
+                64 << 10,
+                1,
+                1 << 20,
+            )? as usize,
         };
 
         if raw.campaign.is_empty() {
@@ -522,9 +606,9 @@ impl Config {
         for (i, rc) in raw.campaign.into_iter().enumerate() {
             let key = |k: &str| format!("campaign[{i}].{k}");
             let required = |k: &str, what: &str| c.err(key(k), format!("required: {what}"));
-            let name = rc
-                .name
-                .ok_or_else(|| required("name", "a unique name of letters, digits, '.', '_' or '-'"))?;
+            let name = rc.name.ok_or_else(|| {
+                required("name", "a unique name of letters, digits, '.', '_' or '-'")
+            })?;
             if !valid_campaign_name(&name) {
                 return Err(c.err(
                     key("name"),
@@ -537,9 +621,15 @@ impl Config {
                     format!("`{name}` is already the name of campaign[{j}]; names must be unique"),
                 ));
             }
-            let recipients = c.resolve(&rc.recipients.ok_or_else(|| required("recipients", "path of the recipients CSV"))?);
+            let recipients = c.resolve(
+                &rc.recipients
+                    .ok_or_else(|| required("recipients", "path of the recipients CSV"))?,
+            );
             c.readable(&key("recipients"), &recipients)?;
-            let template = c.resolve(&rc.template.ok_or_else(|| required("template", "path of the message template"))?);
+            let template = c.resolve(
+                &rc.template
+                    .ok_or_else(|| required("template", "path of the message template"))?,
+            );
             let size = c.readable(&key("template"), &template)?;
             if size > limits.template_max_bytes as u64 {
                 return Err(c.err(
@@ -551,9 +641,12 @@ impl Config {
                     ),
                 ));
             }
-            let sender = rc
-                .sender
-                .ok_or_else(|| required("sender", "the envelope sender (MAIL FROM), e.g. `news@example.com`"))?;
+            let sender = rc.sender.ok_or_else(|| {
+                required(
+                    "sender",
+                    "the envelope sender (MAIL FROM), e.g. `news@example.com`",
+                )
+            })?;
             if let Err(why) = crate::campaign::validate_address(&sender) {
                 return Err(c.err(
                     key("sender"),
@@ -611,12 +704,16 @@ impl Config {
 /// The soft `RLIMIT_NOFILE` of this process (u64::MAX when unlimited or unknown).
 pub fn nofile_soft_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit};
-    getrlimit(Resource::RLIMIT_NOFILE).map_or(u64::MAX, |(soft, _hard)| soft as u64)
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(u64::MAX, |(soft, _hard)| soft)
 }
 
 /// 1-based line of byte offset `at`.
 fn line_of(text: &str, at: usize) -> usize {
-    text.as_bytes()[..at.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..at.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// The dotted key path toml attached to an error (it prints it as "in `a.b`" when the error
@@ -733,7 +830,10 @@ sender = "news@example.com"
         assert_eq!(c.path, d.0.join("governor.toml"));
         assert_eq!(c.spool, d.0.join("var/spool.db"));
         assert_eq!(c.log_dir, d.0.join("var/log"));
-        assert_eq!((c.target_rate, c.min_workers, c.max_workers, c.sessions), (200.0, 1, 8, 4));
+        assert_eq!(
+            (c.target_rate, c.min_workers, c.max_workers, c.sessions),
+            (200.0, 1, 8, 4)
+        );
         assert_eq!(c.control_interval, Duration::from_secs(1));
         assert_eq!(
             c.supervisor,
@@ -789,7 +889,11 @@ sender = "news@example.com"
     #[test]
     fn shipped_example_parses_and_matches_defaults() {
         let d = fixture("cfg-example");
-        let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/governor.toml")).unwrap();
+        let example = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/governor.toml"
+        ))
+        .unwrap();
         let text = example
             .replace("\"campaign/recipients.csv\"", "\"r.csv\"")
             .replace("\"campaign/template.eml\"", "\"t.eml\"")
@@ -797,14 +901,29 @@ sender = "news@example.com"
             .replace("\"/etc/ssl/certs/relay-ca.pem\"", "\"t.eml\"");
         let full = parse(&d, &text).unwrap();
         let min = parse(&d, MINIMAL).unwrap();
-        assert_eq!(full.relay.ca_file.as_deref(), Some(d.0.join("t.eml").to_str().unwrap()));
+        assert_eq!(
+            full.relay.ca_file.as_deref(),
+            Some(d.0.join("t.eml").to_str().unwrap())
+        );
         let full = Config {
-            relay: Relay { ca_file: None, ..full.relay },
+            relay: Relay {
+                ca_file: None,
+                ..full.relay
+            },
             target_rate: min.target_rate,
             campaigns: min.campaigns.clone(),
             ..full
         };
-        assert_eq!(full, Config { relay: Relay { port: full.relay.port, ..min.relay.clone() }, ..min });
+        assert_eq!(
+            full,
+            Config {
+                relay: Relay {
+                    port: full.relay.port,
+                    ..min.relay.clone()
+                },
+                ..min
+            }
+        );
     }
 
     #[test]
@@ -865,7 +984,10 @@ sender = "n@example.com"
         assert_eq!(c.log_dir, d.0.join("logs"));
         assert_eq!((c.min_workers, c.max_workers, c.sessions), (2, 3, 10));
         assert_eq!(c.control_interval, Duration::from_millis(500));
-        assert_eq!(c.supervisor.restart_backoff_max, Duration::from_millis(5500));
+        assert_eq!(
+            c.supervisor.restart_backoff_max,
+            Duration::from_millis(5500)
+        );
         assert_eq!(c.relay.tls, TlsMode::Implicit);
         assert_eq!(
             c.relay.auth,
@@ -875,7 +997,14 @@ sender = "n@example.com"
             })
         );
         assert!(c.relay.insecure_skip_verify);
-        assert_eq!((c.timeouts.connect_ms, c.timeouts.idle_ms, c.timeouts.final_dot_ms), (1500, 250, 7000));
+        assert_eq!(
+            (
+                c.timeouts.connect_ms,
+                c.timeouts.idle_ms,
+                c.timeouts.final_dot_ms
+            ),
+            (1500, 250, 7000)
+        );
         assert_eq!(c.retry.max_attempts, 9);
         assert_eq!(c.limits.field_max_bytes, 100);
         assert_eq!(c.campaigns.len(), 2);
@@ -899,51 +1028,155 @@ sender = "n@example.com"
         // (replace in MINIMAL, with) -> expected message
         let with = |extra_top: &str| format!("{extra_top}\n{MINIMAL}");
         let cases: Vec<(String, &str)> = vec![
-            (base.replace("port = 2525", "port = 2525").replacen("[relay]", "target_rate = -5\n[relay]", 1),
-             "key `target_rate`: must be a number > 0 (got -5)"),
-            (base.clone(), "key `target_rate`: required: the delivery rate in messages per second, e.g. `target_rate = 200`"),
-            (base.replacen("[relay]", "target_rate = nan\n[relay]", 1), "key `target_rate`: must be a number > 0 (got NaN)"),
-            (format!("\n\ntargte_rate = 5\n{MINIMAL}"), "line 3: unknown key `targte_rate` (did you mean `target_rate`?)"),
-            (with("frobnicate = 1"), "line 1: unknown key `frobnicate`; remove it (docs/config.md lists every key)"),
-            (MINIMAL.replace("port = 2525", "port = 2525\nhots = \"x\""), "line 5: unknown key `relay.hots` (did you mean `relay.host`?)"),
-            (MINIMAL.replace("[relay]", "[relais]"), "line 3: unknown key `relais` (did you mean `relay`?)"),
-            (MINIMAL.replace("sender =", "sendr ="), "line 9: unknown key `campaign.sendr` (did you mean `campaign.sender`?)"),
-            (MINIMAL.replace("target_rate = 200", "target_rate = \"fast\""), "line 2: key `target_rate`: invalid type: string \"fast\", expected a number"),
-            (MINIMAL.replace("target_rate = 200", "target_rate = "), "line 2: "),
-            (with("min_workers = 0"), "key `min_workers`: must be an integer >= 1 (got 0)"),
-            (with("min_workers = 5\nmax_workers = 2"), "key `min_workers`: must be <= max_workers (2) (got 5); lower it or raise max_workers"),
-            (with("sessions = 1001"), "key `sessions`: must be an integer from 1 to 1000 (got 1001)"),
-            (with("max_workers = 2000\nsessions = 1000"),
-             "key `max_workers`: max_workers x sessions + 64 = 2000 x 1000 + 64 = 2000064 file descriptors, over the soft open-files limit (1048576)"),
-            (with("control_interval = 0.01"), "key `control_interval`: must be a number of seconds >= 0.05 and at most 1e9 (got 0.01)"),
-            (MINIMAL.replace("port = 2525", "port = 2525\ntls = \"starttls\""),
-             "key `relay.tls`: must be one of \"off\", \"opportunistic\", \"required\", \"implicit\" (got \"starttls\")"),
-            (MINIMAL.replace("port = 2525", "port = 25.5"), "line 4: key `relay.port`: invalid type: floating point `25.5`, expected an integer"),
-            (MINIMAL.replace("port = 2525", "port = 70000"), "key `relay.port`: must be an integer from 1 to 65535 (got 70000)"),
-            (MINIMAL.replace("port = 2525", ""), "key `relay.port`: required: the relay's TCP port, e.g. `port = 25` under [relay]"),
-            (MINIMAL.replace("port = 2525", "port = 25\nusername = \"u\""), "key `relay.password`: missing: relay.username is set; set both or neither"),
-            (MINIMAL.replace("port = 2525", "port = 25\npassword = \"p\""), "key `relay.username`: missing: relay.password is set; set both or neither"),
-            (MINIMAL.replace("port = 2525", "port = 25\nca_file = \"nope.pem\""), "key `relay.ca_file`: cannot read D/nope.pem: No such file or directory (relative paths are resolved against D)"),
-            (format!("{MINIMAL}[timeouts]\ndata = 0\n"), "key `timeouts.data`: must be a number of seconds > 0 and at most 4294967 (got 0)"),
-            (format!("{MINIMAL}[retry]\nmin_interval = 100\nmax_interval = 10\n"), "key `retry.max_interval`: must be >= retry.min_interval (100 s) (got 10)"),
-            (format!("{MINIMAL}[retry]\nmax_attempts = 0\n"), "key `retry.max_attempts`: must be an integer from 1 to 1000 (got 0)"),
-            (format!("{MINIMAL}[supervisor]\nshutdown_grace = -1\n"), "key `supervisor.shutdown_grace`: must be a number of seconds > 0 and at most 1e9 (got -1)"),
-            (format!("{MINIMAL}[limits]\ntemplate_max_bytes = 5\n"), "key `campaign[0].template`: D/t.eml is 19 bytes, over limits.template_max_bytes (5); shrink the template or raise the limit"),
-            (MINIMAL.split("[[campaign]]").next().unwrap().to_string(), "key `campaign`: at least one [[campaign]] table is required (name, recipients, template, sender)"),
-            (MINIMAL.replace("name = \"spring\"", "name = \"spring sale\""), "key `campaign[0].name`: must be letters, digits, '.', '_' or '-' only (got \"spring sale\")"),
-            (MINIMAL.replace("name = \"spring\"\n", ""), "key `campaign[0].name`: required: a unique name"),
-            (format!("{MINIMAL}[[campaign]]\nname = \"spring\"\n"), "key `campaign[1].name`: `spring` is already the name of campaign[0]; names must be unique"),
-            (MINIMAL.replace("t.eml", "missing.eml"), "key `campaign[0].template`: cannot read D/missing.eml: No such file or directory (relative paths are resolved against D)"),
-            (MINIMAL.replace("\"r.csv\"", "\".\""), "key `campaign[0].recipients`: D/. is not a regular file"),
-            (MINIMAL.replace("news@example.com", "news"), "key `campaign[0].sender`: \"news\" is not a plausible address (no @); give the envelope sender, e.g. `news@example.com`"),
-            (MINIMAL.replace("news@example.com", "news@"), "key `campaign[0].sender`: \"news@\" is not a plausible address (missing domain)"),
+            (
+                base.replacen("[relay]", "target_rate = -5\n[relay]", 1),
+                "key `target_rate`: must be a number > 0 (got -5)",
+            ),
+            (
+                base.clone(),
+                "key `target_rate`: required: the delivery rate in messages per second, e.g. `target_rate = 200`",
+            ),
+            (
+                base.replacen("[relay]", "target_rate = nan\n[relay]", 1),
+                "key `target_rate`: must be a number > 0 (got NaN)",
+            ),
+            (
+                format!("\n\ntargte_rate = 5\n{MINIMAL}"),
+                "line 3: unknown key `targte_rate` (did you mean `target_rate`?)",
+            ),
+            (
+                with("frobnicate = 1"),
+                "line 1: unknown key `frobnicate`; remove it (docs/config.md lists every key)",
+            ),
+            (
+                MINIMAL.replace("port = 2525", "port = 2525\nhots = \"x\""),
+                "line 5: unknown key `relay.hots` (did you mean `relay.host`?)",
+            ),
+            (
+                MINIMAL.replace("[relay]", "[relais]"),
+                "line 3: unknown key `relais` (did you mean `relay`?)",
+            ),
+            (
+                MINIMAL.replace("sender =", "sendr ="),
+                "line 9: unknown key `campaign.sendr` (did you mean `campaign.sender`?)",
+            ),
+            (
+                MINIMAL.replace("target_rate = 200", "target_rate = \"fast\""),
+                "line 2: key `target_rate`: invalid type: string \"fast\", expected a number",
+            ),
+            (
+                MINIMAL.replace("target_rate = 200", "target_rate = "),
+                "line 2: ",
+            ),
+            (
+                with("min_workers = 0"),
+                "key `min_workers`: must be an integer >= 1 (got 0)",
+            ),
+            (
+                with("min_workers = 5\nmax_workers = 2"),
+                "key `min_workers`: must be <= max_workers (2) (got 5); lower it or raise max_workers",
+            ),
+            (
+                with("sessions = 1001"),
+                "key `sessions`: must be an integer from 1 to 1000 (got 1001)",
+            ),
+            (
+                with("max_workers = 2000\nsessions = 1000"),
+                "key `max_workers`: max_workers x sessions + 64 = 2000 x 1000 + 64 = 2000064 file descriptors, over the soft open-files limit (1048576)",
+            ),
+            (
+                with("control_interval = 0.01"),
+                "key `control_interval`: must be a number of seconds >= 0.05 and at most 1e9 (got 0.01)",
+            ),
+            (
+                MINIMAL.replace("port = 2525", "port = 2525\ntls = \"starttls\""),
+                "key `relay.tls`: must be one of \"off\", \"opportunistic\", \"required\", \"implicit\" (got \"starttls\")",
+            ),
+            (
+                MINIMAL.replace("port = 2525", "port = 25.5"),
+                "line 4: key `relay.port`: invalid type: floating point `25.5`, expected an integer",
+            ),
+            (
+                MINIMAL.replace("port = 2525", "port = 70000"),
+                "key `relay.port`: must be an integer from 1 to 65535 (got 70000)",
+            ),
+            (
+                MINIMAL.replace("port = 2525", ""),
+                "key `relay.port`: required: the relay's TCP port, e.g. `port = 25` under [relay]",
+            ),
+            (
+                MINIMAL.replace("port = 2525", "port = 25\nusername = \"u\""),
+                "key `relay.password`: missing: relay.username is set; set both or neither",
+            ),
+            (
+                MINIMAL.replace("port = 2525", "port = 25\npassword = \"p\""),
+                "key `relay.username`: missing: relay.password is set; set both or neither",
+            ),
+            (
+                MINIMAL.replace("port = 2525", "port = 25\nca_file = \"nope.pem\""),
+                "key `relay.ca_file`: cannot read D/nope.pem: No such file or directory (relative paths are resolved against D)",
+            ),
+            (
+                format!("{MINIMAL}[timeouts]\ndata = 0\n"),
+                "key `timeouts.data`: must be a number of seconds > 0 and at most 4294967 (got 0)",
+            ),
+            (
+                format!("{MINIMAL}[retry]\nmin_interval = 100\nmax_interval = 10\n"),
+                "key `retry.max_interval`: must be >= retry.min_interval (100 s) (got 10)",
+            ),
+            (
+                format!("{MINIMAL}[retry]\nmax_attempts = 0\n"),
+                "key `retry.max_attempts`: must be an integer from 1 to 1000 (got 0)",
+            ),
+            (
+                format!("{MINIMAL}[supervisor]\nshutdown_grace = -1\n"),
+                "key `supervisor.shutdown_grace`: must be a number of seconds > 0 and at most 1e9 (got -1)",
+            ),
+            (
+                format!("{MINIMAL}[limits]\ntemplate_max_bytes = 5\n"),
+                "key `campaign[0].template`: D/t.eml is 19 bytes, over limits.template_max_bytes (5); shrink the template or raise the limit",
+            ),
+            (
+                MINIMAL.split("[[campaign]]").next().unwrap().to_string(),
+                "key `campaign`: at least one [[campaign]] table is required (name, recipients, template, sender)",
+            ),
+            (
+                MINIMAL.replace("name = \"spring\"", "name = \"spring sale\""),
+                "key `campaign[0].name`: must be letters, digits, '.', '_' or '-' only (got \"spring sale\")",
+            ),
+            (
+                MINIMAL.replace("name = \"spring\"\n", ""),
+                "key `campaign[0].name`: required: a unique name",
+            ),
+            (
+                format!("{MINIMAL}[[campaign]]\nname = \"spring\"\n"),
+                "key `campaign[1].name`: `spring` is already the name of campaign[0]; names must be unique",
+            ),
+            (
+                MINIMAL.replace("t.eml", "missing.eml"),
+                "key `campaign[0].template`: cannot read D/missing.eml: No such file or directory (relative paths are resolved against D)",
+            ),
+            (
+                MINIMAL.replace("\"r.csv\"", "\".\""),
+                "key `campaign[0].recipients`: D/. is not a regular file",
+            ),
+            (
+                MINIMAL.replace("news@example.com", "news"),
+                "key `campaign[0].sender`: \"news\" is not a plausible address (no @); give the envelope sender, e.g. `news@example.com`",
+            ),
+            (
+                MINIMAL.replace("news@example.com", "news@"),
+                "key `campaign[0].sender`: \"news@\" is not a plausible address (missing domain)",
+            ),
         ];
         let dir = d.0.display().to_string();
         let file = format!("{dir}/governor.toml: ");
         for (text, want) in cases {
             let got = parse(&d, &text).expect_err(want).to_string();
             assert!(!got.contains('\n'), "one line: {got}");
-            let got = got.strip_prefix(&file).unwrap_or_else(|| panic!("names the file: {got}"));
+            let got = got
+                .strip_prefix(&file)
+                .unwrap_or_else(|| panic!("names the file: {got}"));
             let got = got.replace(&dir, "D");
             assert!(got.starts_with(want), "\n got: {got}\nwant: {want}");
         }
@@ -952,7 +1185,10 @@ sender = "n@example.com"
     #[test]
     fn unreadable_file() {
         let e = Config::load(Path::new("/nonexistent/governor.toml")).unwrap_err();
-        assert_eq!(e.to_string(), "/nonexistent/governor.toml: cannot read: No such file or directory");
+        assert_eq!(
+            e.to_string(),
+            "/nonexistent/governor.toml: cannot read: No such file or directory"
+        );
     }
 
     #[test]
@@ -967,7 +1203,10 @@ sender = "n@example.com"
     #[test]
     fn suggestions() {
         assert_eq!(edit_distance("targte_rate", "target_rate"), 1);
-        assert_eq!(closest("max_worker", &["min_workers", "max_workers"]), Some("max_workers"));
+        assert_eq!(
+            closest("max_worker", &["min_workers", "max_workers"]),
+            Some("max_workers")
+        );
         assert_eq!(closest("SESSIONS", &["sessions"]), Some("sessions"));
         assert_eq!(closest("zzz", &["sessions", "spool"]), None);
     }

@@ -346,7 +346,8 @@ impl Spool {
             // transaction as the user_version bump.
             let tx = spool.conn.transaction().map_err(sq)?;
             tx.execute_batch(SCHEMA).map_err(sq)?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sq)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(sq)?;
             tx.commit().map_err(sq)?;
         }
         Ok(spool)
@@ -462,7 +463,14 @@ impl Spool {
                 tx.execute(
                     "INSERT INTO campaigns (name, template, sender, fields, nonce, created_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![name, template, sender, fields_json, random_nonce(), now_unix()],
+                    params![
+                        name,
+                        template,
+                        sender,
+                        fields_json,
+                        random_nonce(),
+                        now_unix()
+                    ],
                 )
                 .map_err(sq)?;
                 CampaignRow {
@@ -523,7 +531,10 @@ impl Spool {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .map_err(sq)?;
-        let domain = sender.rsplit_once('@').map_or(sender.as_str(), |(_, d)| d).to_string();
+        let domain = sender
+            .rsplit_once('@')
+            .map_or(sender.as_str(), |(_, d)| d)
+            .to_string();
         let now = now_unix();
         let mut stats = IngestStats::default();
         {
@@ -624,7 +635,10 @@ impl Spool {
             let mut q = tx
                 .prepare_cached("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT ?1")
                 .map_err(sq)?;
-            for id in q.query_map(params![limit as i64], |r| r.get(0)).map_err(sq)? {
+            for id in q
+                .query_map(params![limit as i64], |r| r.get(0))
+                .map_err(sq)?
+            {
                 ids.push(id.map_err(sq)?);
             }
             let mut d = tx
@@ -633,14 +647,21 @@ impl Spool {
                      ORDER BY id LIMIT ?2",
                 )
                 .map_err(sq)?;
-            for id in d.query_map(params![now, limit as i64], |r| r.get(0)).map_err(sq)? {
+            for id in d
+                .query_map(params![now, limit as i64], |r| r.get(0))
+                .map_err(sq)?
+            {
                 ids.push(id.map_err(sq)?);
             }
         }
         ids.sort_unstable();
         ids.truncate(limit);
         let mut next_lease: i64 = tx
-            .query_row("SELECT value FROM meta WHERE key = 'next_lease_id'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'next_lease_id'",
+                [],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(sq)?
             .unwrap_or(1);
@@ -793,7 +814,11 @@ impl Spool {
             .map_err(|e| self.err(e))?;
         let rows = st
             .query_map(params![cid], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
             })
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
             .map_err(|e| self.err(e))?;
@@ -874,7 +899,9 @@ mod tests {
     fn setup(name: &str) -> (TempDir, Spool, CampaignRow) {
         let d = TempDir::new(name);
         let mut s = Spool::open(&d.0.join("var/spool.db")).unwrap();
-        let c = s.campaign("spring", "Subject: hi", "news@example.com", &fields()).unwrap();
+        let c = s
+            .campaign("spring", "Subject: hi", "news@example.com", &fields())
+            .unwrap();
         (d, s, c)
     }
 
@@ -894,30 +921,62 @@ mod tests {
     #[test]
     fn open_creates_dir_wal_and_schema_and_refuses_newer() {
         let (d, s, _) = setup("open");
-        let mode: String = s.conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let mode: String = s
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(mode, "wal");
-        let sync: i64 = s.conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        let sync: i64 = s
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(sync, 1, "NORMAL");
         s.conn.pragma_update(None, "user_version", 99).unwrap();
         drop(s);
-        let e = Spool::open(&d.0.join("var/spool.db")).unwrap_err().to_string();
-        assert!(e.contains("var/spool.db") && e.contains("schema version 99 is newer"), "{e}");
+        let e = Spool::open(&d.0.join("var/spool.db"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("var/spool.db") && e.contains("schema version 99 is newer"),
+            "{e}"
+        );
     }
 
     #[test]
     fn campaign_open_or_create_and_mismatch() {
         let (_d, mut s, c) = setup("campaign");
         assert_eq!((c.id, c.rows_ingested, c.ingest_done), (1, 0, false));
-        let again = s.campaign("spring", "Subject: hi", "news@example.com", &fields()).unwrap();
+        let again = s
+            .campaign("spring", "Subject: hi", "news@example.com", &fields())
+            .unwrap();
         assert_eq!(again, c);
-        let e = s.campaign("spring", "Subject: other", "news@example.com", &fields()).unwrap_err();
-        assert!(e.to_string().contains("campaign `spring` already exists with a different template"));
-        let e = s.campaign("spring", "Subject: hi", "x@example.com", &fields()).unwrap_err();
+        let e = s
+            .campaign("spring", "Subject: other", "news@example.com", &fields())
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("campaign `spring` already exists with a different template")
+        );
+        let e = s
+            .campaign("spring", "Subject: hi", "x@example.com", &fields())
+            .unwrap_err();
         assert!(e.to_string().contains("different sender; "));
-        let e = s.campaign("spring", "Subject: hi", "news@example.com", &["email".into()]).unwrap_err();
+        let e = s
+            .campaign(
+                "spring",
+                "Subject: hi",
+                "news@example.com",
+                &["email".into()],
+            )
+            .unwrap_err();
         assert!(e.to_string().contains("different columns; "), "{e}");
-        assert!(e.to_string().contains("use a new campaign name or a new spool"));
-        let other = s.campaign("autumn", "t", "news@example.com", &fields()).unwrap();
+        assert!(
+            e.to_string()
+                .contains("use a new campaign name or a new spool")
+        );
+        let other = s
+            .campaign("autumn", "t", "news@example.com", &fields())
+            .unwrap();
         assert_eq!(other.id, 2);
         assert_eq!(s.campaigns().unwrap().len(), 2);
     }
@@ -945,12 +1004,23 @@ mod tests {
             }
         );
         // A duplicate in a later batch, of a row of an earlier one.
-        let st = s.ingest(c.id, &[valid(5, "ALICE@example.com"), valid(6, "bob@example.com")], 5, true).unwrap();
+        let st = s
+            .ingest(
+                c.id,
+                &[valid(5, "ALICE@example.com"), valid(6, "bob@example.com")],
+                5,
+                true,
+            )
+            .unwrap();
         assert_eq!((st.queued, st.duplicates), (1, 1));
         assert_eq!(
             s.invalid_rows(c.id).unwrap(),
             vec![
-                (3, "not-an-address".into(), "bad address in `email`: no @".into()),
+                (
+                    3,
+                    "not-an-address".into(),
+                    "bad address in `email`: no @".into()
+                ),
                 (4, "Alice@Example.COM".into(), "duplicate of line 2".into()),
                 (5, "ALICE@example.com".into(), "duplicate of line 2".into()),
             ]
@@ -958,16 +1028,32 @@ mod tests {
         let n = s.counts(Some(c.id)).unwrap();
         assert_eq!((n.total, n.queued, n.invalid), (5, 2, 3));
         // The same address in another campaign is not a duplicate.
-        let c2 = s.campaign("other", "t", "news@example.com", &fields()).unwrap();
-        assert_eq!(s.ingest(c2.id, &[valid(2, "alice@example.com")], 1, true).unwrap().queued, 1);
+        let c2 = s
+            .campaign("other", "t", "news@example.com", &fields())
+            .unwrap();
+        assert_eq!(
+            s.ingest(c2.id, &[valid(2, "alice@example.com")], 1, true)
+                .unwrap()
+                .queued,
+            1
+        );
     }
 
     #[test]
     fn message_ids_are_fixed_per_job() {
         let (_d, mut s, c) = setup("msgid");
-        s.ingest(c.id, &[valid(2, "a@x.org"), valid(3, "b@x.org")], 2, true).unwrap();
+        s.ingest(c.id, &[valid(2, "a@x.org"), valid(3, "b@x.org")], 2, true)
+            .unwrap();
         let jobs = s.lease(0.0, 10).unwrap();
-        let nonce = jobs[0].message_id.split('.').nth(2).unwrap().split('@').next().unwrap().to_string();
+        let nonce = jobs[0]
+            .message_id
+            .split('.')
+            .nth(2)
+            .unwrap()
+            .split('@')
+            .next()
+            .unwrap()
+            .to_string();
         assert_eq!(nonce.len(), 16);
         assert_eq!(jobs[0].message_id, format!("spring.2.{nonce}@example.com"));
         assert_eq!(jobs[1].message_id, format!("spring.3.{nonce}@example.com"));
@@ -978,35 +1064,66 @@ mod tests {
     #[test]
     fn state_transitions_lease_record_release() {
         let (_d, mut s, c) = setup("states");
-        let rows: Vec<Row> = (0..5).map(|i| valid(i + 2, &format!("u{i}@x.org"))).collect();
+        let rows: Vec<Row> = (0..5)
+            .map(|i| valid(i + 2, &format!("u{i}@x.org")))
+            .collect();
         s.ingest(c.id, &rows, 5, true).unwrap();
         let jobs = s.lease(1000.0, 3).unwrap();
-        assert_eq!(jobs.iter().map(|j| j.job_id).collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert_eq!(jobs.iter().map(|j| j.lease_id).collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert!(jobs.iter().all(|j| j.attempt == 1 && !j.in_doubt && j.first_attempt_at.is_none()));
+        assert_eq!(
+            jobs.iter().map(|j| j.job_id).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            jobs.iter().map(|j| j.lease_id).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert!(
+            jobs.iter()
+                .all(|j| j.attempt == 1 && !j.in_doubt && j.first_attempt_at.is_none())
+        );
         assert_eq!(jobs[0].values, vec!["u0@x.org".to_string(), "name2".into()]);
         assert_eq!(s.job_state(1).unwrap().as_deref(), Some("leased"));
         assert_eq!(s.job_state(99).unwrap(), None);
 
         s.record(&[
             rec(1, 1, Update::Final(Final::Delivered), 1001.0),
-            rec(2, 1, Update::Deferred { next_attempt_at: 2000.0 }, 1001.0),
+            rec(
+                2,
+                1,
+                Update::Deferred {
+                    next_attempt_at: 2000.0,
+                },
+                1001.0,
+            ),
             rec(3, 1, Update::Final(Final::Bounced), 1001.0),
         ])
         .unwrap();
-        for (id, st) in [(1, "delivered"), (2, "deferred"), (3, "bounced"), (4, "queued")] {
+        for (id, st) in [
+            (1, "delivered"),
+            (2, "deferred"),
+            (3, "bounced"),
+            (4, "queued"),
+        ] {
             assert_eq!(s.job_state(id).unwrap().as_deref(), Some(st));
         }
         assert_eq!(s.next_due().unwrap(), Some(2000.0));
         // Lease ids never repeat; the deferred job is not due yet.
         let more = s.lease(1500.0, 10).unwrap();
-        assert_eq!(more.iter().map(|j| (j.job_id, j.lease_id)).collect::<Vec<_>>(), vec![(4, 4), (5, 5)]);
+        assert_eq!(
+            more.iter()
+                .map(|j| (j.job_id, j.lease_id))
+                .collect::<Vec<_>>(),
+            vec![(4, 4), (5, 5)]
+        );
         s.release(&[4, 5, 1]).unwrap(); // 1 is delivered: untouched
         assert_eq!(s.job_state(1).unwrap().as_deref(), Some("delivered"));
         assert_eq!(s.job_state(4).unwrap().as_deref(), Some("queued"));
         // Due deferred job comes back in id order with the next attempt number.
         let due = s.lease(2000.0, 10).unwrap();
-        assert_eq!(due.iter().map(|j| j.job_id).collect::<Vec<_>>(), vec![2, 4, 5]);
+        assert_eq!(
+            due.iter().map(|j| j.job_id).collect::<Vec<_>>(),
+            vec![2, 4, 5]
+        );
         assert_eq!(due[0].attempt, 2);
         assert_eq!(due[0].first_attempt_at, Some(1001.0));
         assert!(due.iter().all(|j| j.lease_id >= 6));
@@ -1038,14 +1155,30 @@ mod tests {
     #[test]
     fn lease_orders_queued_and_due_deferred_by_id() {
         let (_d, mut s, c) = setup("order");
-        let rows: Vec<Row> = (0..6).map(|i| valid(i + 2, &format!("u{i}@x.org"))).collect();
+        let rows: Vec<Row> = (0..6)
+            .map(|i| valid(i + 2, &format!("u{i}@x.org")))
+            .collect();
         s.ingest(c.id, &rows, 6, true).unwrap();
         let all = s.lease(0.0, 6).unwrap();
         assert_eq!(all.len(), 6);
         // 1 and 3 deferred (due at 10 and 30), 2 queued again, others final.
         s.record(&[
-            rec(1, 1, Update::Deferred { next_attempt_at: 10.0 }, 1.0),
-            rec(3, 1, Update::Deferred { next_attempt_at: 30.0 }, 1.0),
+            rec(
+                1,
+                1,
+                Update::Deferred {
+                    next_attempt_at: 10.0,
+                },
+                1.0,
+            ),
+            rec(
+                3,
+                1,
+                Update::Deferred {
+                    next_attempt_at: 30.0,
+                },
+                1.0,
+            ),
             rec(4, 1, Update::Final(Final::Delivered), 1.0),
             rec(5, 1, Update::Final(Final::Delivered), 1.0),
             rec(6, 1, Update::Final(Final::Delivered), 1.0),
@@ -1063,10 +1196,13 @@ mod tests {
     #[test]
     fn recover_after_crash_requeues_leased_in_doubt() {
         let (d, mut s, c) = setup("recover");
-        let rows: Vec<Row> = (0..4).map(|i| valid(i + 2, &format!("u{i}@x.org"))).collect();
+        let rows: Vec<Row> = (0..4)
+            .map(|i| valid(i + 2, &format!("u{i}@x.org")))
+            .collect();
         s.ingest(c.id, &rows, 4, true).unwrap();
         let jobs = s.lease(0.0, 3).unwrap();
-        s.record(&[rec(jobs[0].job_id, 1, Update::Final(Final::Delivered), 1.0)]).unwrap();
+        s.record(&[rec(jobs[0].job_id, 1, Update::Final(Final::Delivered), 1.0)])
+            .unwrap();
         // Crash: the connection goes away without releasing jobs 2 and 3.
         std::mem::forget(s);
         let mut s = Spool::open(&d.0.join("var/spool.db")).unwrap();
@@ -1075,9 +1211,15 @@ mod tests {
         let n = s.counts(None).unwrap();
         assert_eq!((n.queued, n.leased, n.delivered, n.in_doubt), (3, 0, 1, 2));
         let again = s.lease(0.0, 10).unwrap();
-        let flags: Vec<(u64, bool, u32)> = again.iter().map(|j| (j.job_id, j.in_doubt, j.attempt)).collect();
+        let flags: Vec<(u64, bool, u32)> = again
+            .iter()
+            .map(|j| (j.job_id, j.in_doubt, j.attempt))
+            .collect();
         assert_eq!(flags, vec![(2, true, 1), (3, true, 1), (4, false, 1)]);
-        assert!(again.iter().all(|j| j.lease_id > 3), "lease ids survive restarts");
+        assert!(
+            again.iter().all(|j| j.lease_id > 3),
+            "lease ids survive restarts"
+        );
     }
 
     #[test]
@@ -1118,12 +1260,17 @@ mod tests {
                 duplicates: 1
             }
         );
-        let c = s.campaign("c", "t", "n@example.com", open_recipients().fields()).unwrap();
+        let c = s
+            .campaign("c", "t", "n@example.com", open_recipients().fields())
+            .unwrap();
         assert_eq!((c.rows_ingested, c.ingest_done), (27, true));
         let n = s.counts(Some(c.id)).unwrap();
         assert_eq!((n.total, n.queued, n.invalid), (27, 25, 2));
         // Third run: done, nothing added.
-        assert_eq!(ingest_all(&mut s, &c, open_recipients(), 0).unwrap(), IngestStats::default());
+        assert_eq!(
+            ingest_all(&mut s, &c, open_recipients(), 0).unwrap(),
+            IngestStats::default()
+        );
         assert_eq!(s.counts(None).unwrap().total, 27);
         let lines: Vec<u64> = s.invalid_rows(c.id).unwrap().iter().map(|r| r.0).collect();
         assert_eq!(lines, vec![27, 28]);
@@ -1133,11 +1280,23 @@ mod tests {
     fn corpus_ingests_with_duplicate_flagged() {
         use crate::campaign::{Recipients, ingest_all};
         let (_d, mut s, _) = setup("corpus");
-        let r = Recipients::open(Path::new("/work/shared/corpus/campaign/recipients.csv"), 65536).unwrap();
-        let c = s.campaign("corpus", "t", "news@example.com", r.fields()).unwrap();
+        let r = Recipients::open(
+            Path::new("/work/shared/corpus/campaign/recipients.csv"),
+            65536,
+        )
+        .unwrap();
+        let c = s
+            .campaign("corpus", "t", "news@example.com", r.fields())
+            .unwrap();
         let st = ingest_all(&mut s, &c, r, 1000).unwrap();
-        assert_eq!((st.rows, st.queued, st.invalid, st.duplicates), (23, 19, 4, 1));
+        assert_eq!(
+            (st.rows, st.queued, st.invalid, st.duplicates),
+            (23, 19, 4, 1)
+        );
         let inv = s.invalid_rows(c.id).unwrap();
-        assert_eq!(inv[3], (25, "alice@example.com".into(), "duplicate of line 2".into()));
+        assert_eq!(
+            inv[3],
+            (25, "alice@example.com".into(), "duplicate of line 2".into())
+        );
     }
 }

@@ -33,9 +33,17 @@ impl Reply {
         let first = joined.split(' ').next().unwrap_or("");
         if is_enhanced(first, code) {
             let text = joined[first.len()..].trim_start().to_string();
-            Reply { code, enhanced: Some(first.to_string()), text }
+            Reply {
+                code,
+                enhanced: Some(first.to_string()),
+                text,
+            }
         } else {
-            Reply { code, enhanced: None, text: joined }
+            Reply {
+                code,
+                enhanced: None,
+                text: joined,
+            }
         }
     }
 
@@ -63,7 +71,9 @@ impl Reply {
 fn is_enhanced(s: &str, code: u16) -> bool {
     let parts: Vec<&str> = s.split('.').collect();
     parts.len() == 3
-        && parts.iter().all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
         && matches!(parts[0], "2" | "4" | "5")
         && u16::from(parts[0].as_bytes()[0] - b'0') == code / 100
 }
@@ -138,16 +148,28 @@ impl Event {
     pub fn from_mail_send(stage: Stage, err: mail_send::Error) -> Event {
         use mail_send::Error as E;
         match err {
-            E::Io(e) if stage == Stage::Connect => Event::ConnectFailed { detail: e.to_string() },
-            E::Io(e) => Event::Disconnected { stage, detail: e.to_string() },
-            E::Tls(e) => Event::TlsFailed { detail: e.to_string() },
-            E::InvalidTLSName => Event::TlsFailed { detail: "invalid TLS server name".into() },
+            E::Io(e) if stage == Stage::Connect => Event::ConnectFailed {
+                detail: e.to_string(),
+            },
+            E::Io(e) => Event::Disconnected {
+                stage,
+                detail: e.to_string(),
+            },
+            E::Tls(e) => Event::TlsFailed {
+                detail: e.to_string(),
+            },
+            E::InvalidTLSName => Event::TlsFailed {
+                detail: "invalid TLS server name".into(),
+            },
             // mail-send reports EOF as an unparseable reply: the peer went away.
             E::UnparseableReply => Event::Disconnected {
                 stage,
                 detail: "connection closed or unparseable reply".into(),
             },
-            E::UnexpectedReply(r) => Event::Reply { stage, reply: Reply::from_response(&r) },
+            E::UnexpectedReply(r) => Event::Reply {
+                stage,
+                reply: Reply::from_response(&r),
+            },
             E::AuthenticationFailed(r) => Event::AuthFailed {
                 reply: Some(Reply::from_response(&r)),
                 detail: String::new(),
@@ -158,9 +180,18 @@ impl Event {
                 reply: None,
                 detail: "the server offers no AUTH mechanism we support (PLAIN, LOGIN)".into(),
             },
-            E::MissingCredentials => Event::AuthFailed { reply: None, detail: "missing credentials".into() },
-            E::Auth(e) => Event::AuthFailed { reply: None, detail: format!("{e:?}") },
-            E::Base64(e) => Event::AuthFailed { reply: None, detail: e.to_string() },
+            E::MissingCredentials => Event::AuthFailed {
+                reply: None,
+                detail: "missing credentials".into(),
+            },
+            E::Auth(e) => Event::AuthFailed {
+                reply: None,
+                detail: format!("{e:?}"),
+            },
+            E::Base64(e) => Event::AuthFailed {
+                reply: None,
+                detail: e.to_string(),
+            },
             E::MissingMailFrom | E::MissingRcptTo => Event::Local {
                 stage,
                 detail: err_text(stage, "mail-send refused the envelope"),
@@ -298,7 +329,10 @@ pub fn classify(event: &Event) -> Classified {
 /// Stages inside a mail transaction, where a negative reply leaves the connection usable
 /// after RSET.
 fn is_transaction(stage: Stage) -> bool {
-    matches!(stage, Stage::Mail | Stage::Rcpt | Stage::Data | Stage::FinalDot)
+    matches!(
+        stage,
+        Stage::Mail | Stage::Rcpt | Stage::Data | Stage::FinalDot
+    )
 }
 
 fn stage_name(stage: Stage) -> &'static str {
@@ -320,37 +354,243 @@ mod tests {
     use OutcomeKind::*;
 
     fn reply(stage: Stage, code: u16, text: &str) -> Event {
-        Event::Reply { stage, reply: Reply::parse(code, text) }
+        Event::Reply {
+            stage,
+            reply: Reply::parse(code, text),
+        }
     }
+
+    /// Event, then the expected kind, code, enhanced code, stage and reusability.
+    type Case = (Event, OutcomeKind, u16, Option<&'static str>, Stage, bool);
 
     #[test]
     fn classify_table() {
-        let cases: Vec<(Event, OutcomeKind, u16, Option<&str>, Stage, bool)> = vec![
-            (reply(Stage::FinalDot, 250, "2.0.0 Ok: queued as X"), Delivered, 250, Some("2.0.0"), Stage::FinalDot, true),
-            (reply(Stage::FinalDot, 451, "4.3.0 try later"), Deferred, 451, Some("4.3.0"), Stage::FinalDot, true),
-            (reply(Stage::FinalDot, 554, "5.7.1 spam"), Bounced, 554, Some("5.7.1"), Stage::FinalDot, true),
-            (reply(Stage::Rcpt, 450, "4.7.0 rate limit"), Deferred, 450, Some("4.7.0"), Stage::Rcpt, true),
-            (reply(Stage::Rcpt, 550, "5.1.1 no such user"), Bounced, 550, Some("5.1.1"), Stage::Rcpt, true),
-            (reply(Stage::Mail, 450, "4.7.1 too much mail"), Deferred, 450, Some("4.7.1"), Stage::Mail, true),
-            (reply(Stage::Data, 421, "4.4.2 closing"), Deferred, 421, Some("4.4.2"), Stage::Data, false),
-            (reply(Stage::Greeting, 421, "4.3.2 Too many connections"), Deferred, 421, Some("4.3.2"), Stage::Greeting, false),
-            (reply(Stage::Greeting, 554, "5.7.1 not allowed"), Bounced, 554, Some("5.7.1"), Stage::Greeting, false),
-            (reply(Stage::Rcpt, 421, "closing"), Deferred, 421, None, Stage::Rcpt, false),
-            (reply(Stage::Data, 250, "unexpected"), Deferred, 250, None, Stage::Data, false),
-            (reply(Stage::FinalDot, 354, "go on"), Deferred, 354, None, Stage::FinalDot, false),
-            (Event::Timeout { stage: Stage::FinalDot }, InDoubt, 0, None, Stage::FinalDot, false),
-            (Event::Disconnected { stage: Stage::FinalDot, detail: "reset".into() }, InDoubt, 0, None, Stage::FinalDot, false),
-            (Event::Disconnected { stage: Stage::Data, detail: "reset".into() }, Deferred, 0, None, Stage::Data, false),
-            (Event::Timeout { stage: Stage::Greeting }, Deferred, 0, None, Stage::Greeting, false),
-            (Event::Timeout { stage: Stage::Rcpt }, Deferred, 0, None, Stage::Rcpt, false),
-            (Event::ConnectFailed { detail: "refused".into() }, Deferred, 0, None, Stage::Connect, false),
-            (Event::TlsFailed { detail: "bad cert".into() }, Deferred, 0, None, Stage::Connect, false),
-            (Event::StartTlsNotOffered, Deferred, 0, None, Stage::Ehlo, false),
-            (Event::AuthFailed { reply: Some(Reply::parse(535, "5.7.8 bad credentials")), detail: String::new() }, Deferred, 535, Some("5.7.8"), Stage::Ehlo, false),
-            (Event::Render { detail: "bad address".into() }, Bounced, 0, None, Stage::Render, true),
-            (Event::Smtputf8NotOffered { address: "ñandú@example.com".into() }, Bounced, 0, None, Stage::Mail, true),
-            (Event::EightBitNotOffered, Bounced, 0, None, Stage::Mail, true),
-            (Event::Local { stage: Stage::Render, detail: "unknown campaign".into(), permanent: true }, Bounced, 0, None, Stage::Render, true),
+        let cases: Vec<Case> = vec![
+            (
+                reply(Stage::FinalDot, 250, "2.0.0 Ok: queued as X"),
+                Delivered,
+                250,
+                Some("2.0.0"),
+                Stage::FinalDot,
+                true,
+            ),
+            (
+                reply(Stage::FinalDot, 451, "4.3.0 try later"),
+                Deferred,
+                451,
+                Some("4.3.0"),
+                Stage::FinalDot,
+                true,
+            ),
+            (
+                reply(Stage::FinalDot, 554, "5.7.1 spam"),
+                Bounced,
+                554,
+                Some("5.7.1"),
+                Stage::FinalDot,
+                true,
+            ),
+            (
+                reply(Stage::Rcpt, 450, "4.7.0 rate limit"),
+                Deferred,
+                450,
+                Some("4.7.0"),
+                Stage::Rcpt,
+                true,
+            ),
+            (
+                reply(Stage::Rcpt, 550, "5.1.1 no such user"),
+                Bounced,
+                550,
+                Some("5.1.1"),
+                Stage::Rcpt,
+                true,
+            ),
+            (
+                reply(Stage::Mail, 450, "4.7.1 too much mail"),
+                Deferred,
+                450,
+                Some("4.7.1"),
+                Stage::Mail,
+                true,
+            ),
+            (
+                reply(Stage::Data, 421, "4.4.2 closing"),
+                Deferred,
+                421,
+                Some("4.4.2"),
+                Stage::Data,
+                false,
+            ),
+            (
+                reply(Stage::Greeting, 421, "4.3.2 Too many connections"),
+                Deferred,
+                421,
+                Some("4.3.2"),
+                Stage::Greeting,
+                false,
+            ),
+            (
+                reply(Stage::Greeting, 554, "5.7.1 not allowed"),
+                Bounced,
+                554,
+                Some("5.7.1"),
+                Stage::Greeting,
+                false,
+            ),
+            (
+                reply(Stage::Rcpt, 421, "closing"),
+                Deferred,
+                421,
+                None,
+                Stage::Rcpt,
+                false,
+            ),
+            (
+                reply(Stage::Data, 250, "unexpected"),
+                Deferred,
+                250,
+                None,
+                Stage::Data,
+                false,
+            ),
+            (
+                reply(Stage::FinalDot, 354, "go on"),
+                Deferred,
+                354,
+                None,
+                Stage::FinalDot,
+                false,
+            ),
+            (
+                Event::Timeout {
+                    stage: Stage::FinalDot,
+                },
+                InDoubt,
+                0,
+                None,
+                Stage::FinalDot,
+                false,
+            ),
+            (
+                Event::Disconnected {
+                    stage: Stage::FinalDot,
+                    detail: "reset".into(),
+                },
+                InDoubt,
+                0,
+                None,
+                Stage::FinalDot,
+                false,
+            ),
+            (
+                Event::Disconnected {
+                    stage: Stage::Data,
+                    detail: "reset".into(),
+                },
+                Deferred,
+                0,
+                None,
+                Stage::Data,
+                false,
+            ),
+            (
+                Event::Timeout {
+                    stage: Stage::Greeting,
+                },
+                Deferred,
+                0,
+                None,
+                Stage::Greeting,
+                false,
+            ),
+            (
+                Event::Timeout { stage: Stage::Rcpt },
+                Deferred,
+                0,
+                None,
+                Stage::Rcpt,
+                false,
+            ),
+            (
+                Event::ConnectFailed {
+                    detail: "refused".into(),
+                },
+                Deferred,
+                0,
+                None,
+                Stage::Connect,
+                false,
+            ),
+            (
+                Event::TlsFailed {
+                    detail: "bad cert".into(),
+                },
+                Deferred,
+                0,
+                None,
+                Stage::Connect,
+                false,
+            ),
+            (
+                Event::StartTlsNotOffered,
+                Deferred,
+                0,
+                None,
+                Stage::Ehlo,
+                false,
+            ),
+            (
+                Event::AuthFailed {
+                    reply: Some(Reply::parse(535, "5.7.8 bad credentials")),
+                    detail: String::new(),
+                },
+                Deferred,
+                535,
+                Some("5.7.8"),
+                Stage::Ehlo,
+                false,
+            ),
+            (
+                Event::Render {
+                    detail: "bad address".into(),
+                },
+                Bounced,
+                0,
+                None,
+                Stage::Render,
+                true,
+            ),
+            (
+                Event::Smtputf8NotOffered {
+                    address: "ñandú@example.com".into(),
+                },
+                Bounced,
+                0,
+                None,
+                Stage::Mail,
+                true,
+            ),
+            (
+                Event::EightBitNotOffered,
+                Bounced,
+                0,
+                None,
+                Stage::Mail,
+                true,
+            ),
+            (
+                Event::Local {
+                    stage: Stage::Render,
+                    detail: "unknown campaign".into(),
+                    permanent: true,
+                },
+                Bounced,
+                0,
+                None,
+                Stage::Render,
+                true,
+            ),
         ];
         for (event, kind, code, enhanced, stage, reusable) in cases {
             let c = classify(&event);
@@ -365,9 +605,19 @@ mod tests {
 
     #[test]
     fn reasons_are_clear() {
-        let t = classify(&Event::Smtputf8NotOffered { address: "ñandú@example.com".into() }).text;
-        assert!(t.contains("SMTPUTF8") && t.contains("ñandú@example.com"), "{t}");
-        assert!(classify(&Event::EightBitNotOffered).text.contains("8BITMIME"));
+        let t = classify(&Event::Smtputf8NotOffered {
+            address: "ñandú@example.com".into(),
+        })
+        .text;
+        assert!(
+            t.contains("SMTPUTF8") && t.contains("ñandú@example.com"),
+            "{t}"
+        );
+        assert!(
+            classify(&Event::EightBitNotOffered)
+                .text
+                .contains("8BITMIME")
+        );
     }
 
     #[test]
@@ -381,7 +631,10 @@ mod tests {
     #[test]
     fn enhanced_code_must_match_the_reply_class() {
         assert_eq!(Reply::parse(250, "4.0.0 odd").enhanced, None);
-        assert_eq!(Reply::parse(250, "2.1.0 Sender ok").enhanced.as_deref(), Some("2.1.0"));
+        assert_eq!(
+            Reply::parse(250, "2.1.0 Sender ok").enhanced.as_deref(),
+            Some("2.1.0")
+        );
         assert_eq!(Reply::parse(250, "1.2.3.4 is an IP").enhanced, None);
         assert_eq!(Reply::parse(220, "").text, "");
     }
@@ -396,10 +649,20 @@ mod tests {
             Stage::Connect,
             mail_send::Error::Io(std::io::ErrorKind::ConnectionRefused.into()),
         );
-        assert_eq!((classify(&e).kind, classify(&e).stage), (Deferred, Stage::Connect));
-        let r = smtp_proto::Response { code: 450, esc: [4, 7, 0], message: "rate limit".to_string() };
+        assert_eq!(
+            (classify(&e).kind, classify(&e).stage),
+            (Deferred, Stage::Connect)
+        );
+        let r = smtp_proto::Response {
+            code: 450,
+            esc: [4, 7, 0],
+            message: "rate limit".to_string(),
+        };
         let e = Event::from_mail_send(Stage::Rcpt, mail_send::Error::UnexpectedReply(r));
         let c = classify(&e);
-        assert_eq!((c.kind, c.code, c.enhanced.as_deref(), c.text.as_str()), (Deferred, 450, Some("4.7.0"), "4.7.0 rate limit"));
+        assert_eq!(
+            (c.kind, c.code, c.enhanced.as_deref(), c.text.as_str()),
+            (Deferred, 450, Some("4.7.0"), "4.7.0 rate limit")
+        );
     }
 }

@@ -149,7 +149,10 @@ impl Renderer {
             false => Vec::new(),
         };
 
-        if body.split(|&b| b == b'\n').any(|l| l.strip_suffix(b"\r").unwrap_or(l).len() > MAX_LINE) {
+        if body
+            .split(|&b| b == b'\n')
+            .any(|l| l.strip_suffix(b"\r").unwrap_or(l).len() > MAX_LINE)
+        {
             if header.content_type_multipart() {
                 return Err(RenderError::Message(
                     "a line of the multipart body is longer than 998 octets after merging; \
@@ -217,9 +220,13 @@ impl Compiled {
         }
         let known: BTreeSet<&str> = fields.iter().map(String::as_str).collect();
         let globals: BTreeSet<String> = env.globals().map(|(k, _)| k.to_string()).collect();
-        for (name, source, offset) in [(HEADER, header, 0), (BODY, body.unwrap_or(""), body_line_offset)]
-        {
-            let Ok(t) = env.get_template(name) else { continue };
+        for (name, source, offset) in [
+            (HEADER, header, 0),
+            (BODY, body.unwrap_or(""), body_line_offset),
+        ] {
+            let Ok(t) = env.get_template(name) else {
+                continue;
+            };
             let mut unknown: Vec<String> = t
                 .undeclared_variables(false)
                 .into_iter()
@@ -237,7 +244,11 @@ impl Compiled {
                 });
             }
         }
-        Ok(Compiled { env, has_body: body.is_some(), body_line_offset })
+        Ok(Compiled {
+            env,
+            has_body: body.is_some(),
+            body_line_offset,
+        })
     }
 }
 
@@ -246,13 +257,18 @@ fn environment() -> Environment<'static> {
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_auto_escape_callback(|_| AutoEscape::None);
     // minijinja drops one trailing newline by default; relayed messages must stay byte-identical.
-    if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder().keep_trailing_newline(true).build()
+    if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
+        .keep_trailing_newline(true)
+        .build()
     {
         env.set_syntax(syntax);
     }
     env.set_formatter(|out, state, value| {
         if value.is_undefined() {
-            return Err(minijinja::Error::new(ErrorKind::UndefinedError, "undefined value"));
+            return Err(minijinja::Error::new(
+                ErrorKind::UndefinedError,
+                "undefined value",
+            ));
         }
         let text = match value.as_str() {
             Some(s) => s.to_string(),
@@ -297,7 +313,9 @@ fn render_part(
     ctx: &Value,
     offset: usize,
 ) -> Result<String, RenderError> {
-    let t = env.get_template(name).map_err(|e| template_error(&e, offset))?;
+    let t = env
+        .get_template(name)
+        .map_err(|e| template_error(&e, offset))?;
     t.render(ctx).map_err(|e| template_error(&e, offset))
 }
 
@@ -320,7 +338,11 @@ fn check_header_lines(header: &str) -> Result<(), RenderError> {
     if header.is_empty() {
         return Ok(());
     }
-    let lines: Vec<&str> = header.strip_suffix("\r\n").unwrap_or(header).split("\r\n").collect();
+    let lines: Vec<&str> = header
+        .strip_suffix("\r\n")
+        .unwrap_or(header)
+        .split("\r\n")
+        .collect();
     for (i, line) in lines.iter().enumerate() {
         let line_no = Some(i + 1);
         if line.starts_with([' ', '\t']) {
@@ -451,7 +473,8 @@ impl Header {
     }
 
     fn content_transfer_encoding(&self) -> Option<String> {
-        self.value_of("content-transfer-encoding").map(|v| v.to_ascii_lowercase())
+        self.value_of("content-transfer-encoding")
+            .map(|v| v.to_ascii_lowercase())
     }
 
     fn set_field(&mut self, name: &str, line: &str) {
@@ -495,7 +518,10 @@ fn process_header(text: &str) -> Result<Header, RenderError> {
         let Some(colon) = field.find(':') else {
             return Err(RenderError::Template {
                 line: None,
-                message: format!("rendered header line {:?} has no colon", strip_sentinels(&field)),
+                message: format!(
+                    "rendered header line {:?} has no colon",
+                    strip_sentinels(&field)
+                ),
             });
         };
         let name = &field[..colon];
@@ -525,7 +551,10 @@ fn process_header(text: &str) -> Result<Header, RenderError> {
         };
         fields.push(emitted);
     }
-    Ok(Header { fields, trailing_crlf })
+    Ok(Header {
+        fields,
+        trailing_crlf,
+    })
 }
 
 fn strip_sentinels(s: &str) -> String {
@@ -592,7 +621,11 @@ fn base64(input: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -634,7 +667,10 @@ fn emit_unstructured(name: &str, value: &[(char, bool)]) -> String {
     while k < words.len() {
         let (ws, word, encode) = &words[k];
         if !encode {
-            tokens.push(Token { ws: ws.clone(), text: word.clone() });
+            tokens.push(Token {
+                ws: ws.clone(),
+                text: word.clone(),
+            });
             k += 1;
             continue;
         }
@@ -648,8 +684,14 @@ fn emit_unstructured(name: &str, value: &[(char, bool)]) -> String {
             k += 1;
         }
         for (j, w) in encoded_words(&run).into_iter().enumerate() {
-            let ws = if j == 0 { ws.clone() } else { " ".to_string() };
-            tokens.push(Token { ws: if ws.is_empty() && j == 0 { " ".into() } else { ws }, text: w });
+            // An encoded-word must be separated from what precedes it by white space (RFC
+            // 2047 5), even where the template wrote `Subject:{{ x }}`.
+            let ws = if j > 0 || ws.is_empty() {
+                " ".to_string()
+            } else {
+                ws.clone()
+            };
+            tokens.push(Token { ws, text: w });
         }
     }
     fold(name, &tokens)
@@ -674,7 +716,10 @@ fn emit_address_header(name: &str, value: &[(char, bool)]) -> Result<String, Ren
         if saw_angle {
             boxes.push(Mailbox { name: d, addr: a });
         } else if !d.trim().is_empty() {
-            boxes.push(Mailbox { name: String::new(), addr: d });
+            boxes.push(Mailbox {
+                name: String::new(),
+                addr: d,
+            });
         }
     };
     let mut it = value.iter().peekable();
@@ -721,7 +766,9 @@ fn emit_address_header(name: &str, value: &[(char, bool)]) -> Result<String, Ren
                 saw_angle = false;
             }
             ':' | ';' if !in_angle => {
-                return Err(err("group syntax is not supported in a header with merge fields".into()));
+                return Err(err(
+                    "group syntax is not supported in a header with merge fields".into(),
+                ));
             }
             c => target.push(c),
         }
@@ -741,13 +788,22 @@ fn emit_address_header(name: &str, value: &[(char, bool)]) -> Result<String, Ren
         let display_name = b.name.split_whitespace().collect::<Vec<_>>().join(" ");
         let sep = if i + 1 < n { "," } else { "" };
         if display_name.is_empty() {
-            tokens.push(Token { ws: " ".into(), text: format!("{a}{sep}") });
+            tokens.push(Token {
+                ws: " ".into(),
+                text: format!("{a}{sep}"),
+            });
             continue;
         }
-        for (j, w) in phrase(&display_name).into_iter().enumerate() {
-            tokens.push(Token { ws: if j == 0 { " ".into() } else { " ".into() }, text: w });
+        for w in phrase(&display_name) {
+            tokens.push(Token {
+                ws: " ".into(),
+                text: w,
+            });
         }
-        tokens.push(Token { ws: " ".into(), text: format!("<{a}>{sep}") });
+        tokens.push(Token {
+            ws: " ".into(),
+            text: format!("<{a}>{sep}"),
+        });
     }
     Ok(fold(name, &tokens))
 }
@@ -760,7 +816,10 @@ fn phrase(name: &str) -> Vec<String> {
     if !name.is_ascii() || quoted_len > 76 || name.contains("=?") {
         return encoded_words(name);
     }
-    if name.split(' ').all(|w| !w.is_empty() && w.chars().all(atext)) {
+    if name
+        .split(' ')
+        .all(|w| !w.is_empty() && w.chars().all(atext))
+    {
         return vec![name.to_string()];
     }
     let mut q = String::from("\"");
@@ -793,9 +852,15 @@ impl std::fmt::Display for Address {
 
 /// Parses an addr-spec (optionally in angle brackets) as given in a recipient list.
 pub fn parse_address(input: &str) -> Result<Address, RenderError> {
-    let bad = |reason: &str| RenderError::Address { address: input.to_string(), reason: reason.into() };
+    let bad = |reason: &str| RenderError::Address {
+        address: input.to_string(),
+        reason: reason.into(),
+    };
     let s = input.trim();
-    let s = s.strip_prefix('<').and_then(|s| s.strip_suffix('>')).unwrap_or(s);
+    let s = s
+        .strip_prefix('<')
+        .and_then(|s| s.strip_suffix('>'))
+        .unwrap_or(s);
     if s.is_empty() {
         return Err(bad("empty address"));
     }
@@ -818,7 +883,9 @@ pub fn parse_address(input: &str) -> Result<Address, RenderError> {
         }
         let end = end.ok_or_else(|| bad("unterminated quoted local part"))?;
         let rest = &s[end + 1..];
-        let domain = rest.strip_prefix('@').ok_or_else(|| bad("missing @ after quoted local part"))?;
+        let domain = rest
+            .strip_prefix('@')
+            .ok_or_else(|| bad("missing @ after quoted local part"))?;
         (&s[..=end], domain)
     } else {
         let at = s.rfind('@').ok_or_else(|| bad("missing @"))?;
@@ -829,7 +896,10 @@ pub fn parse_address(input: &str) -> Result<Address, RenderError> {
         if local.is_empty() {
             return Err(bad("empty local part"));
         }
-        if !local.split('.').all(|a| !a.is_empty() && a.chars().all(atext)) {
+        if !local
+            .split('.')
+            .all(|a| !a.is_empty() && a.chars().all(atext))
+        {
             return Err(bad("local part is not a valid dot-atom (quote it?)"));
         }
         (local, &s[at + 1..])
@@ -859,7 +929,11 @@ pub fn parse_address(input: &str) -> Result<Address, RenderError> {
         }
         ascii
     };
-    Ok(Address { local: local.to_string(), domain, utf8_local: !local.is_ascii() })
+    Ok(Address {
+        local: local.to_string(),
+        domain,
+        utf8_local: !local.is_ascii(),
+    })
 }
 
 /// Quoted-printable (RFC 2045 6.7) of a CRLF body: hard line breaks kept, lines at most 76.
@@ -872,7 +946,8 @@ pub fn quoted_printable(body: &[u8]) -> Vec<u8> {
         let mut len = 0;
         for (i, &b) in line.iter().enumerate() {
             let at_end = i + 1 == line.len();
-            let literal = (b == b'\t' || (32..127).contains(&b)) && b != b'='
+            let literal = (b == b'\t' || (32..127).contains(&b))
+                && b != b'='
                 && !(at_end && (b == b' ' || b == b'\t'));
             let piece_len = if literal { 1 } else { 3 };
             if len + piece_len > 75 {

@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 
 use mail_send::{Credentials, SmtpClient};
 use protocol::{Relay, Stage, Timeouts, TlsMode};
-use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, EXT_8BIT_MIME, EXT_PIPELINING, EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse};
+use smtp_proto::{
+    AUTH_LOGIN, AUTH_PLAIN, EXT_8BIT_MIME, EXT_PIPELINING, EXT_SMTP_UTF8, EXT_START_TLS,
+    EhloResponse,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -83,7 +86,11 @@ impl Pool {
             timeouts,
             tls,
             permits: Semaphore::new(sessions as usize),
-            slots: Mutex::new((0..sessions).map(|index| Slot { index, conn: None }).collect()),
+            slots: Mutex::new(
+                (0..sessions)
+                    .map(|index| Slot { index, conn: None })
+                    .collect(),
+            ),
         })
     }
 
@@ -96,18 +103,29 @@ impl Pool {
                 detail: "session pool closed".into(),
                 permanent: false,
             });
-            return Delivery { outcome, session: 0 };
+            return Delivery {
+                outcome,
+                session: 0,
+            };
         };
         let mut slot = self.take_slot();
         let session = slot.index;
         let (event, conn) = self.attempt(slot.conn.take(), session, sender, msg).await;
         let outcome = classify(&event);
         if let Some(mut conn) = conn.filter(|_| outcome.reusable) {
-            conn.needs_rset = outcome.kind != protocol::OutcomeKind::Delivered;
+            // A refusal decided before MAIL was sent leaves no transaction to reset.
+            let no_transaction = matches!(
+                event,
+                Event::Smtputf8NotOffered { .. } | Event::EightBitNotOffered
+            );
+            conn.needs_rset = outcome.kind != protocol::OutcomeKind::Delivered && !no_transaction;
             conn.last_used = Instant::now();
             slot.conn = Some(conn);
         } else {
-            log::debug!("session={session} closing connection after {:?}", outcome.kind);
+            log::debug!(
+                "session={session} closing connection after {:?}",
+                outcome.kind
+            );
         }
         self.put_slot(slot);
         Delivery { outcome, session }
@@ -133,7 +151,10 @@ impl Pool {
     }
 
     fn put_slot(&self, slot: Slot) {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner()).push(slot);
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(slot);
     }
 
     /// Runs one attempt; returns what ended it and the connection if it is still open.
@@ -174,8 +195,12 @@ impl Pool {
             // before the first reply of this transaction carried nothing, so retry once on a
             // fresh one instead of deferring the job.
             match &event {
-                Event::Disconnected { stage: Stage::Mail, .. } => {
-                    log::info!("session={session} reused connection was closed by the server, reconnecting");
+                Event::Disconnected {
+                    stage: Stage::Mail, ..
+                } => {
+                    log::info!(
+                        "session={session} reused connection was closed by the server, reconnecting"
+                    );
                 }
                 _ => return (event, Some(c)),
             }
@@ -194,7 +219,9 @@ impl Pool {
         match self.open_with(session, allow_starttls).await {
             Err(Event::TlsFailed { detail }) if self.relay.tls == TlsMode::Opportunistic => {
                 // F13: opportunistic TLS whose handshake broke: a fresh plain connection.
-                log::info!("session={session} STARTTLS handshake failed ({detail}); retrying in plain text");
+                log::info!(
+                    "session={session} STARTTLS handshake failed ({detail}); retrying in plain text"
+                );
                 self.open_with(session, false).await
             }
             other => other,
@@ -205,8 +232,16 @@ impl Pool {
         let t = &self.timeouts;
         let addr = (self.relay.host.as_str(), self.relay.port);
         let tcp = match tokio::time::timeout(ms(t.connect_ms), TcpStream::connect(addr)).await {
-            Err(_) => return Err(Event::Timeout { stage: Stage::Connect }),
-            Ok(Err(e)) => return Err(Event::ConnectFailed { detail: e.to_string() }),
+            Err(_) => {
+                return Err(Event::Timeout {
+                    stage: Stage::Connect,
+                });
+            }
+            Ok(Err(e)) => {
+                return Err(Event::ConnectFailed {
+                    detail: e.to_string(),
+                });
+            }
             Ok(Ok(s)) => s,
         };
         let _ = tcp.set_nodelay(true);
@@ -219,34 +254,48 @@ impl Pool {
             }
             _ => Box::new(tcp),
         };
-        let mut client: Client = SmtpClient { stream, timeout: ms(t.greeting_ms) };
+        let mut client: Client = SmtpClient {
+            stream,
+            timeout: ms(t.greeting_ms),
+        };
         self.greet(&mut client).await?;
         let mut ehlo = self.ehlo(&mut client).await?;
 
-        let want_tls = matches!(self.relay.tls, TlsMode::Required | TlsMode::Opportunistic) && allow_starttls;
+        let want_tls =
+            matches!(self.relay.tls, TlsMode::Required | TlsMode::Opportunistic) && allow_starttls;
         if want_tls && !secured {
             if ehlo.has_capability(EXT_START_TLS) {
                 client.timeout = ms(t.ehlo_ms);
                 let reply = call(Stage::Ehlo, t.ehlo_ms, client.cmd(b"STARTTLS\r\n")).await?;
                 if reply.code == 220 {
                     let Some(tls) = &self.tls else {
-                        return Err(Event::TlsFailed { detail: "no TLS configuration".into() });
+                        return Err(Event::TlsFailed {
+                            detail: "no TLS configuration".into(),
+                        });
                     };
                     // The boxed stream is plain TCP here; unwrap it through a fresh TLS
                     // session on top of the same box.
                     let s = self.handshake(tls, client.stream).await?;
-                    client = SmtpClient { stream: Box::new(s), timeout: ms(t.ehlo_ms) };
+                    client = SmtpClient {
+                        stream: Box::new(s),
+                        timeout: ms(t.ehlo_ms),
+                    };
                     secured = true;
                     ehlo = self.ehlo(&mut client).await?;
                 } else if self.relay.tls == TlsMode::Required {
-                    return Err(Event::Reply { stage: Stage::Ehlo, reply: Reply::from_response(&reply) });
+                    return Err(Event::Reply {
+                        stage: Stage::Ehlo,
+                        reply: Reply::from_response(&reply),
+                    });
                 }
             } else if self.relay.tls == TlsMode::Required {
                 return Err(Event::StartTlsNotOffered);
             }
         }
         if self.relay.tls == TlsMode::Required && !secured {
-            return Err(Event::TlsFailed { detail: "TLS required but not established".into() });
+            return Err(Event::TlsFailed {
+                detail: "TLS required but not established".into(),
+            });
         }
 
         if let Some(auth) = &self.relay.auth {
@@ -259,13 +308,24 @@ impl Pool {
             let mut caps = ehlo.clone();
             // Only the mechanisms this build supports; CRAM-MD5 needs a feature we leave off.
             caps.auth_mechanisms &= AUTH_PLAIN | AUTH_LOGIN;
-            let creds = Credentials::Plain { username: auth.username.clone(), secret: auth.password.clone() };
+            let creds = Credentials::Plain {
+                username: auth.username.clone(),
+                secret: auth.password.clone(),
+            };
             client.timeout = ms(t.ehlo_ms);
-            match tokio::time::timeout(ms(t.ehlo_ms.saturating_mul(3)), client.authenticate(&creds, &caps)).await {
+            match tokio::time::timeout(
+                ms(t.ehlo_ms.saturating_mul(3)),
+                client.authenticate(&creds, &caps),
+            )
+            .await
+            {
                 Err(_) => return Err(Event::Timeout { stage: Stage::Ehlo }),
                 Ok(Err(e)) => {
                     return Err(match Event::from_mail_send(Stage::Ehlo, e) {
-                        Event::Reply { reply, .. } => Event::AuthFailed { reply: Some(reply), detail: String::new() },
+                        Event::Reply { reply, .. } => Event::AuthFailed {
+                            reply: Some(reply),
+                            detail: String::new(),
+                        },
                         other => other,
                     });
                 }
@@ -280,18 +340,35 @@ impl Pool {
             ehlo.has_capability(EXT_SMTP_UTF8),
             ehlo.has_capability(EXT_PIPELINING),
         );
-        Ok(Conn { client, ehlo, needs_rset: false, last_used: Instant::now() })
+        Ok(Conn {
+            client,
+            ehlo,
+            needs_rset: false,
+            last_used: Instant::now(),
+        })
     }
 
-    async fn handshake<S>(&self, tls: &TlsConnector, stream: S) -> Result<tokio_rustls::client::TlsStream<S>, Event>
+    async fn handshake<S>(
+        &self,
+        tls: &TlsConnector,
+        stream: S,
+    ) -> Result<tokio_rustls::client::TlsStream<S>, Event>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let name = rustls::pki_types::ServerName::try_from(self.relay.host.clone())
-            .map_err(|_| Event::TlsFailed { detail: format!("invalid TLS server name {:?}", self.relay.host) })?;
+        let name =
+            rustls::pki_types::ServerName::try_from(self.relay.host.clone()).map_err(|_| {
+                Event::TlsFailed {
+                    detail: format!("invalid TLS server name {:?}", self.relay.host),
+                }
+            })?;
         match tokio::time::timeout(ms(self.timeouts.connect_ms), tls.connect(name, stream)).await {
-            Err(_) => Err(Event::TlsFailed { detail: "TLS handshake timed out".into() }),
-            Ok(Err(e)) => Err(Event::TlsFailed { detail: e.to_string() }),
+            Err(_) => Err(Event::TlsFailed {
+                detail: "TLS handshake timed out".into(),
+            }),
+            Ok(Err(e)) => Err(Event::TlsFailed {
+                detail: e.to_string(),
+            }),
             Ok(Ok(s)) => Ok(s),
         }
     }
@@ -302,7 +379,10 @@ impl Pool {
             // F9: 421 or 554 instead of a greeting; say goodbye politely (best effort).
             client.timeout = ms(500);
             let _ = tokio::time::timeout(ms(500), client.cmd(b"QUIT\r\n")).await;
-            return Err(Event::Reply { stage: Stage::Greeting, reply: Reply::from_response(&reply) });
+            return Err(Event::Reply {
+                stage: Stage::Greeting,
+                reply: Reply::from_response(&reply),
+            });
         }
         Ok(())
     }
@@ -318,7 +398,10 @@ impl Pool {
                 let cmd = format!("HELO {}\r\n", self.relay.helo);
                 let reply = call(Stage::Ehlo, t, client.cmd(cmd.as_bytes())).await?;
                 if reply.code / 100 != 2 {
-                    return Err(Event::Reply { stage: Stage::Ehlo, reply: Reply::from_response(&reply) });
+                    return Err(Event::Reply {
+                        stage: Stage::Ehlo,
+                        reply: Reply::from_response(&reply),
+                    });
                 }
                 Ok(EhloResponse::default())
             }
@@ -334,12 +417,19 @@ impl Pool {
         }
     }
 
-    async fn transaction_inner(&self, c: &mut Conn, sender: &str, msg: &Rendered) -> Result<Event, Event> {
+    async fn transaction_inner(
+        &self,
+        c: &mut Conn,
+        sender: &str,
+        msg: &Rendered,
+    ) -> Result<Event, Event> {
         let t = &self.timeouts;
         let eight_bit_mime = c.ehlo.has_capability(EXT_8BIT_MIME);
         let smtputf8 = c.ehlo.has_capability(EXT_SMTP_UTF8);
         if msg.needs_smtputf8 && !smtputf8 {
-            return Err(Event::Smtputf8NotOffered { address: msg.envelope_to.clone() });
+            return Err(Event::Smtputf8NotOffered {
+                address: msg.envelope_to.clone(),
+            });
         }
         if msg.eight_bit && !eight_bit_mime && !msg.needs_smtputf8 {
             return Err(Event::EightBitNotOffered);
@@ -358,18 +448,32 @@ impl Pool {
             // RFC 2920: MAIL and RCPT in one write, two replies read back.
             let deadline = t.mail_ms.max(t.rcpt_ms);
             c.client.timeout = ms(deadline);
-            let replies = call(Stage::Mail, deadline, c.client.cmds([mail.as_bytes(), rcpt.as_bytes()])).await?;
+            let replies = call(
+                Stage::Mail,
+                deadline,
+                c.client.cmds([mail.as_bytes(), rcpt.as_bytes()]),
+            )
+            .await?;
             for (stage, r) in [Stage::Mail, Stage::Rcpt].into_iter().zip(&replies) {
                 if r.code / 100 != 2 {
-                    return Err(Event::Reply { stage, reply: Reply::from_response(r) });
+                    return Err(Event::Reply {
+                        stage,
+                        reply: Reply::from_response(r),
+                    });
                 }
             }
         } else {
-            for (stage, cmd, deadline) in [(Stage::Mail, &mail, t.mail_ms), (Stage::Rcpt, &rcpt, t.rcpt_ms)] {
+            for (stage, cmd, deadline) in [
+                (Stage::Mail, &mail, t.mail_ms),
+                (Stage::Rcpt, &rcpt, t.rcpt_ms),
+            ] {
                 c.client.timeout = ms(deadline);
                 let r = call(stage, deadline, c.client.cmd(cmd.as_bytes())).await?;
                 if r.code / 100 != 2 {
-                    return Err(Event::Reply { stage, reply: Reply::from_response(&r) });
+                    return Err(Event::Reply {
+                        stage,
+                        reply: Reply::from_response(&r),
+                    });
                 }
             }
         }
@@ -377,7 +481,10 @@ impl Pool {
         c.client.timeout = ms(t.data_ms);
         let r = call(Stage::Data, t.data_ms, c.client.cmd(b"DATA\r\n")).await?;
         if r.code != 354 {
-            return Err(Event::Reply { stage: Stage::Data, reply: Reply::from_response(&r) });
+            return Err(Event::Reply {
+                stage: Stage::Data,
+                reply: Reply::from_response(&r),
+            });
         }
         let wire = dot_stuff(&msg.bytes);
         let write = async {
@@ -386,12 +493,20 @@ impl Pool {
         };
         match tokio::time::timeout(ms(t.data_ms), write).await {
             Err(_) => return Err(Event::Timeout { stage: Stage::Data }),
-            Ok(Err(e)) => return Err(Event::Disconnected { stage: Stage::Data, detail: e.to_string() }),
+            Ok(Err(e)) => {
+                return Err(Event::Disconnected {
+                    stage: Stage::Data,
+                    detail: e.to_string(),
+                });
+            }
             Ok(Ok(())) => {}
         }
         // From here on the server may have accepted the message: a lost reply is in doubt.
         let r = call(Stage::FinalDot, t.final_dot_ms, c.client.read()).await?;
-        Ok(Event::Reply { stage: Stage::FinalDot, reply: Reply::from_response(&r) })
+        Ok(Event::Reply {
+            stage: Stage::FinalDot,
+            reply: Reply::from_response(&r),
+        })
     }
 }
 
@@ -455,11 +570,17 @@ fn tls_connector(relay: &Relay) -> anyhow::Result<TlsConnector> {
     };
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_file).with_context(|| format!("while reading CA file {ca_file}"))? {
+    for cert in CertificateDer::pem_file_iter(ca_file)
+        .with_context(|| format!("while reading CA file {ca_file}"))?
+    {
         let cert = cert.with_context(|| format!("while parsing CA file {ca_file}"))?;
-        roots.add(cert).with_context(|| format!("while adding a certificate of {ca_file}"))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("while adding a certificate of {ca_file}"))?;
     }
-    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     Ok(TlsConnector::from(Arc::new(config)))
 }
 

@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use protocol::{
-    CampaignSpec, FrameError, Job, JobOutcome, PROTOCOL_VERSION, Stage, ToGovernor, ToWorker, Welcome,
-    read_frame, write_frame,
+    CampaignSpec, FrameError, Job, JobOutcome, PROTOCOL_VERSION, Stage, ToGovernor, ToWorker,
+    Welcome, read_frame, write_frame,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -40,12 +40,21 @@ struct Campaign {
 pub fn run(fd: OwnedFd) -> anyhow::Result<()> {
     let mut sock = UnixStream::from(fd);
     let pid = std::process::id();
-    write_frame(&mut sock, &ToGovernor::Hello { version: PROTOCOL_VERSION, pid })
-        .context("while sending Hello to the governor")?;
+    write_frame(
+        &mut sock,
+        &ToGovernor::Hello {
+            version: PROTOCOL_VERSION,
+            pid,
+        },
+    )
+    .context("while sending Hello to the governor")?;
     let welcome = match read_frame::<_, ToWorker>(&mut sock).context("while waiting for Welcome")? {
         ToWorker::Welcome(w) => w,
         ToWorker::Reject { reason } => bail!("the governor rejected this worker: {reason}"),
-        other => bail!("expected Welcome from the governor, got {}", frame_name(&other)),
+        other => bail!(
+            "expected Welcome from the governor, got {}",
+            frame_name(&other)
+        ),
     };
     init_logging(&welcome, pid)?;
     log::info!(
@@ -118,8 +127,12 @@ async fn main_loop(
     output: mpsc::UnboundedSender<ToGovernor>,
 ) -> anyhow::Result<Exit> {
     let pool = Arc::new(
-        Pool::new(welcome.relay.clone(), welcome.timeouts.clone(), welcome.sessions)
-            .context("while preparing the SMTP session pool")?,
+        Pool::new(
+            welcome.relay.clone(),
+            welcome.timeouts.clone(),
+            welcome.sessions,
+        )
+        .context("while preparing the SMTP session pool")?,
     );
     let mut campaigns: HashMap<u64, Arc<Campaign>> = HashMap::new();
     let mut tasks = JoinSet::new();
@@ -166,8 +179,16 @@ async fn main_loop(
 fn compile(spec: &CampaignSpec) -> Campaign {
     let renderer = Renderer::new(spec).map_err(|e| e.to_string());
     match &renderer {
-        Ok(_) => log::info!("campaign={} name={:?} template compiled", spec.campaign_id, spec.name),
-        Err(e) => log::error!("campaign={} name={:?} template refused: {e}", spec.campaign_id, spec.name),
+        Ok(_) => log::info!(
+            "campaign={} name={:?} template compiled",
+            spec.campaign_id,
+            spec.name
+        ),
+        Err(e) => log::error!(
+            "campaign={} name={:?} template refused: {e}",
+            spec.campaign_id,
+            spec.name
+        ),
     }
     Campaign { renderer }
 }
@@ -179,14 +200,27 @@ async fn run_job(pool: &Pool, campaign: Option<&Campaign>, job: &Job) -> JobOutc
         None => (
             classify(&Event::Local {
                 stage: Stage::Render,
-                detail: format!("no template for campaign {} (job sent before its Campaign)", job.campaign_id),
+                detail: format!(
+                    "no template for campaign {} (job sent before its Campaign)",
+                    job.campaign_id
+                ),
                 permanent: true,
             }),
             0,
         ),
-        Some(Err(e)) => (classify(&Event::Render { detail: format!("template refused: {e}") }), 0),
+        Some(Err(e)) => (
+            classify(&Event::Render {
+                detail: format!("template refused: {e}"),
+            }),
+            0,
+        ),
         Some(Ok(renderer)) => match renderer.render(job) {
-            Err(e) => (classify(&Event::Render { detail: e.to_string() }), 0),
+            Err(e) => (
+                classify(&Event::Render {
+                    detail: e.to_string(),
+                }),
+                0,
+            ),
             Ok(msg) => {
                 let d = pool.deliver(renderer.envelope_from(), &msg).await;
                 (d.outcome, d.session)

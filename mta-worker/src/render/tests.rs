@@ -24,7 +24,12 @@ fn job(recipient: &str, values: &[&str]) -> Job {
     }
 }
 
-fn render(template: &str, fields: &[&str], rcpt: &str, values: &[&str]) -> Result<Rendered, RenderError> {
+fn render(
+    template: &str,
+    fields: &[&str],
+    rcpt: &str,
+    values: &[&str],
+) -> Result<Rendered, RenderError> {
     Renderer::new(&spec(template, fields))?.render(&job(rcpt, values))
 }
 
@@ -45,7 +50,10 @@ fn header_value(msg: &str, name: &str) -> String {
     let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", "\t");
     unfolded
         .split("\r\n")
-        .find(|l| l.to_ascii_lowercase().starts_with(&format!("{}:", name.to_ascii_lowercase())))
+        .find(|l| {
+            l.to_ascii_lowercase()
+                .starts_with(&format!("{}:", name.to_ascii_lowercase()))
+        })
         .map(|l| l[name.len() + 1..].trim().to_string())
         .unwrap_or_default()
 }
@@ -107,7 +115,11 @@ fn b64decode(s: &str) -> Vec<u8> {
 #[test]
 fn check_template_accepts_good_templates() {
     let fields = vec!["first_name".to_string(), "email".to_string()];
-    check_template("To: {{ email }}\nSubject: Hi {{ first_name }}\n\nHello {{ first_name }}\n", &fields).unwrap();
+    check_template(
+        "To: {{ email }}\nSubject: Hi {{ first_name }}\n\nHello {{ first_name }}\n",
+        &fields,
+    )
+    .unwrap();
     // No blank line between header and body: a header-only message is fine.
     check_template("Subject: x\n", &fields).unwrap();
     check_template("Subject: x\n\n", &fields).unwrap();
@@ -125,21 +137,37 @@ fn check_template_names_unknown_field_and_line() {
         other => panic!("{other:?}"),
     }
     let e = check_template("Subject: {{ nope }}\n\nbody", &fields).unwrap_err();
-    assert!(e.to_string().contains("line 1") && e.to_string().contains("nope"), "{e}");
+    assert!(
+        e.to_string().contains("line 1") && e.to_string().contains("nope"),
+        "{e}"
+    );
 }
 
 #[test]
 fn check_template_reports_syntax_errors_with_line() {
-    let e = check_template("Subject: x\n\nline 3\n{{ first_name \n", &["first_name".to_string()]).unwrap_err();
-    assert!(matches!(e, RenderError::Template { line: Some(4), .. }), "{e}");
+    let e = check_template(
+        "Subject: x\n\nline 3\n{{ first_name \n",
+        &["first_name".to_string()],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, RenderError::Template { line: Some(4), .. }),
+        "{e}"
+    );
     let e = check_template("Subject: {% if %}\n\nbody", &[]).unwrap_err();
-    assert!(matches!(e, RenderError::Template { line: Some(1), .. }), "{e}");
+    assert!(
+        matches!(e, RenderError::Template { line: Some(1), .. }),
+        "{e}"
+    );
 }
 
 #[test]
 fn check_template_refuses_header_line_without_colon() {
     let e = check_template("Subject: x\nthis is not a header\n\nbody", &[]).unwrap_err();
-    assert!(matches!(e, RenderError::Template { line: Some(2), .. }), "{e}");
+    assert!(
+        matches!(e, RenderError::Template { line: Some(2), .. }),
+        "{e}"
+    );
     assert!(e.to_string().contains("colon"), "{e}");
 }
 
@@ -149,8 +177,17 @@ fn text_without_placeholders_is_byte_identical_apart_from_line_endings() {
     let r = render(t, &[], "a@example.com", &[]).unwrap();
     assert_eq!(text(&r), t);
     // LF and bare CR become CRLF; CRLF stays CRLF (idempotent).
-    let r = render("Subject: x\nMessage-ID: <a@b>\n\nHi\n.\nBye\r\na\rb\r\n", &[], "a@example.com", &[]).unwrap();
-    assert_eq!(text(&r), "Subject: x\r\nMessage-ID: <a@b>\r\n\r\nHi\r\n.\r\nBye\r\na\r\nb\r\n");
+    let r = render(
+        "Subject: x\nMessage-ID: <a@b>\n\nHi\n.\nBye\r\na\rb\r\n",
+        &[],
+        "a@example.com",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        text(&r),
+        "Subject: x\r\nMessage-ID: <a@b>\r\n\r\nHi\r\n.\r\nBye\r\na\r\nb\r\n"
+    );
     let again = render(&text(&r), &[], "a@example.com", &[]).unwrap();
     assert_eq!(again.bytes, r.bytes);
 }
@@ -158,9 +195,21 @@ fn text_without_placeholders_is_byte_identical_apart_from_line_endings() {
 #[test]
 fn message_id_added_only_when_missing() {
     let r = render("Subject: x\n\nbody\n", &[], "a@example.com", &[]).unwrap();
-    assert_eq!(text(&r), "Subject: x\r\nMessage-ID: <job-7@example.com>\r\n\r\nbody\r\n");
-    let r = render("Subject: x\nmessage-id:   <keep@me>\n\nbody\n", &[], "a@example.com", &[]).unwrap();
-    assert_eq!(text(&r), "Subject: x\r\nmessage-id:   <keep@me>\r\n\r\nbody\r\n");
+    assert_eq!(
+        text(&r),
+        "Subject: x\r\nMessage-ID: <job-7@example.com>\r\n\r\nbody\r\n"
+    );
+    let r = render(
+        "Subject: x\nmessage-id:   <keep@me>\n\nbody\n",
+        &[],
+        "a@example.com",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        text(&r),
+        "Subject: x\r\nmessage-id:   <keep@me>\r\n\r\nbody\r\n"
+    );
 }
 
 #[test]
@@ -168,7 +217,13 @@ fn undefined_at_render_time_is_an_error() {
     // `check_template` rejects unknown names; a missing attribute is caught by Strict mode.
     let e = render("Subject: {{ a.b }}\n\nx", &["a"], "a@example.com", &["v"]).unwrap_err();
     assert!(matches!(e, RenderError::Template { .. }), "{e}");
-    let e = render("Subject: x\n\n{{ a }}", &["a", "b"], "a@example.com", &["v"]).unwrap_err();
+    let e = render(
+        "Subject: x\n\n{{ a }}",
+        &["a", "b"],
+        "a@example.com",
+        &["v"],
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("merge values"), "{e}");
 }
 
@@ -194,7 +249,13 @@ fn header_injection_never_adds_fields() {
 
 #[test]
 fn bcc_in_template_is_removed() {
-    let r = render("To: a@example.com\nBcc: list@example.com,\n  other@example.com\nSubject: x\n\nb", &[], "a@example.com", &[]).unwrap();
+    let r = render(
+        "To: a@example.com\nBcc: list@example.com,\n  other@example.com\nSubject: x\n\nb",
+        &[],
+        "a@example.com",
+        &[],
+    )
+    .unwrap();
     assert_eq!(header_names(&text(&r)), ["to", "subject", "message-id"]);
 }
 
@@ -202,14 +263,34 @@ fn bcc_in_template_is_removed() {
 fn display_names_are_quoted_or_encoded() {
     let t = "To: {{ name }} <{{ email }}>\n\nb";
     let cases = [
-        ("Doe, Jane", "jane@example.com", "\"Doe, Jane\" <jane@example.com>"),
-        ("Support (Billing)", "billing@example.com", "\"Support (Billing)\" <billing@example.com>"),
-        ("Jo \"JJ\" \\ Jones", "quote@example.com", "\"Jo \\\"JJ\\\" \\\\ Jones\" <quote@example.com>"),
-        ("Alice Smith", "alice@example.com", "Alice Smith <alice@example.com>"),
+        (
+            "Doe, Jane",
+            "jane@example.com",
+            "\"Doe, Jane\" <jane@example.com>",
+        ),
+        (
+            "Support (Billing)",
+            "billing@example.com",
+            "\"Support (Billing)\" <billing@example.com>",
+        ),
+        (
+            "Jo \"JJ\" \\ Jones",
+            "quote@example.com",
+            "\"Jo \\\"JJ\\\" \\\\ Jones\" <quote@example.com>",
+        ),
+        (
+            "Alice Smith",
+            "alice@example.com",
+            "Alice Smith <alice@example.com>",
+        ),
         ("", "empty@example.com", "empty@example.com"),
         ("   ", "empty@example.com", "empty@example.com"),
         (".", "dot@example.com", "\".\" <dot@example.com>"),
-        ("Zoë Example", "zoe@example.com", "=?UTF-8?B?Wm/DqyBFeGFtcGxl?= <zoe@example.com>"),
+        (
+            "Zoë Example",
+            "zoe@example.com",
+            "=?UTF-8?B?Wm/DqyBFeGFtcGxl?= <zoe@example.com>",
+        ),
     ];
     for (name, email, want) in cases {
         let r = render(t, &["name", "email"], email, &[name, email]).unwrap();
@@ -222,11 +303,32 @@ fn display_names_are_quoted_or_encoded() {
 fn quoted_template_name_takes_merge_text_literally() {
     // The sample template quotes the name itself: merge quotes must not end that quote.
     let t = "To: \"{{ first }} {{ last }}\" <{{ email }}>\n\nb";
-    let r = render(t, &["first", "last", "email"], "q@example.com", &["Jo \"JJ\" \\ Jones", "Jones", "q@example.com"]).unwrap();
-    assert_eq!(header_value(&text(&r), "To"), "\"Jo \\\"JJ\\\" \\\\ Jones Jones\" <q@example.com>");
-    let r = render(t, &["first", "last", "email"], "e@example.com", &["", "", "e@example.com"]).unwrap();
+    let r = render(
+        t,
+        &["first", "last", "email"],
+        "q@example.com",
+        &["Jo \"JJ\" \\ Jones", "Jones", "q@example.com"],
+    )
+    .unwrap();
+    assert_eq!(
+        header_value(&text(&r), "To"),
+        "\"Jo \\\"JJ\\\" \\\\ Jones Jones\" <q@example.com>"
+    );
+    let r = render(
+        t,
+        &["first", "last", "email"],
+        "e@example.com",
+        &["", "", "e@example.com"],
+    )
+    .unwrap();
     assert_eq!(header_value(&text(&r), "To"), "e@example.com");
-    let r = render(t, &["first", "last", "email"], "z@example.com", &["Zoë", "Ëxample", "z@example.com"]).unwrap();
+    let r = render(
+        t,
+        &["first", "last", "email"],
+        "z@example.com",
+        &["Zoë", "Ëxample", "z@example.com"],
+    )
+    .unwrap();
     let v = header_value(&text(&r), "To");
     assert!(v.starts_with("=?UTF-8?B?") && !v.contains('"'), "{v}");
     assert_eq!(decode_words(&v), "Zoë Ëxample <z@example.com>");
@@ -234,7 +336,13 @@ fn quoted_template_name_takes_merge_text_literally() {
 
 #[test]
 fn non_ascii_unstructured_header_is_encoded() {
-    let r = render("Subject: Hello {{ n }}, your {{ c }} update\n\nb", &["n", "c"], "a@example.com", &["Zoë", "Zürich"]).unwrap();
+    let r = render(
+        "Subject: Hello {{ n }}, your {{ c }} update\n\nb",
+        &["n", "c"],
+        "a@example.com",
+        &["Zoë", "Zürich"],
+    )
+    .unwrap();
     let m = text(&r);
     let v = header_value(&m, "Subject");
     assert!(v.is_ascii(), "{v}");
@@ -249,13 +357,25 @@ fn non_ascii_unstructured_header_is_encoded() {
 #[test]
 fn long_merge_values_in_headers_are_folded() {
     let long = "L".repeat(1200);
-    let r = render("Subject: Hello {{ n }}, bye\nTo: \"{{ n }}\" <{{ e }}>\n\nb", &["n", "e"], "long@example.com", &[&long, "long@example.com"]).unwrap();
+    let r = render(
+        "Subject: Hello {{ n }}, bye\nTo: \"{{ n }}\" <{{ e }}>\n\nb",
+        &["n", "e"],
+        "long@example.com",
+        &[&long, "long@example.com"],
+    )
+    .unwrap();
     let m = text(&r);
     assert_wire_clean(&r.bytes);
     let head = m.split("\r\n\r\n").next().unwrap();
     assert!(head.split("\r\n").all(|l| l.len() <= 78), "{head}");
-    assert_eq!(decode_words(&header_value(&m, "Subject")), format!("Hello {long}, bye"));
-    assert_eq!(decode_words(&header_value(&m, "To")), format!("{long} <long@example.com>"));
+    assert_eq!(
+        decode_words(&header_value(&m, "Subject")),
+        format!("Hello {long}, bye")
+    );
+    assert_eq!(
+        decode_words(&header_value(&m, "To")),
+        format!("{long} <long@example.com>")
+    );
 }
 
 #[test]
@@ -268,7 +388,13 @@ fn envelope_comes_from_the_recipient_with_idn_and_utf8() {
     let r = render(t, &["e"], "ñandú@example.com", &["ñandú@example.com"]).unwrap();
     assert_eq!(r.envelope_to, "ñandú@example.com");
     assert!(r.needs_smtputf8 && r.eight_bit);
-    let r = render(t, &["e"], "\"odd user\"@example.com", &["\"odd user\"@example.com"]).unwrap();
+    let r = render(
+        t,
+        &["e"],
+        "\"odd user\"@example.com",
+        &["\"odd user\"@example.com"],
+    )
+    .unwrap();
     assert_eq!(r.envelope_to, "\"odd user\"@example.com");
     // The header says something else: the envelope still follows the job's recipient.
     let r = render(t, &["e"], "<real@example.com>", &["other@example.com"]).unwrap();
@@ -277,7 +403,16 @@ fn envelope_comes_from_the_recipient_with_idn_and_utf8() {
 
 #[test]
 fn invalid_recipients_are_render_errors() {
-    for bad in ["not-an-address", "missing-domain@", "two@@example.com", "", "a b@example.com", "a@exa mple.com", "a@-x.com", "\"unterminated@example.com"] {
+    for bad in [
+        "not-an-address",
+        "missing-domain@",
+        "two@@example.com",
+        "",
+        "a b@example.com",
+        "a@exa mple.com",
+        "a@-x.com",
+        "\"unterminated@example.com",
+    ] {
         let e = render("Subject: x\n\nb", &[], bad, &[]).unwrap_err();
         assert!(matches!(e, RenderError::Address { .. }), "{bad:?}: {e}");
     }
@@ -285,8 +420,18 @@ fn invalid_recipients_are_render_errors() {
 
 #[test]
 fn body_values_are_normalised() {
-    let r = render("Subject: x\n\nA {{ v }} B\n", &["v"], "a@example.com", &["1\n2\r3\r\n4\05"]).unwrap();
-    assert!(text(&r).ends_with("\r\n\r\nA 1\r\n2\r\n3\r\n45 B\r\n"), "{:?}", text(&r));
+    let r = render(
+        "Subject: x\n\nA {{ v }} B\n",
+        &["v"],
+        "a@example.com",
+        &["1\n2\r3\r\n4\u{0}5"],
+    )
+    .unwrap();
+    assert!(
+        text(&r).ends_with("\r\n\r\nA 1\r\n2\r\n3\r\n45 B\r\n"),
+        "{:?}",
+        text(&r)
+    );
     assert_wire_clean(&r.bytes);
 }
 
@@ -297,7 +442,10 @@ fn long_body_line_becomes_quoted_printable() {
     let r = render(t, &["v"], "a@example.com", &[&v]).unwrap();
     let m = text(&r);
     assert_wire_clean(&r.bytes);
-    assert_eq!(header_value(&m, "Content-Transfer-Encoding"), "quoted-printable");
+    assert_eq!(
+        header_value(&m, "Content-Transfer-Encoding"),
+        "quoted-printable"
+    );
     assert_eq!(m.matches("Content-Transfer-Encoding").count(), 1);
     assert!(m.split("\r\n").all(|l| l.len() <= 76), "{m}");
     assert!(m.contains("=C3=A9=3D!\r\n.dot\r\n"), "{m}");
@@ -325,9 +473,18 @@ fn qp_decode(s: &str) -> String {
 
 #[test]
 fn long_body_line_without_cte_gets_one() {
-    let r = render("Subject: x\n\n{{ v }}", &["v"], "a@example.com", &[&"y".repeat(2000)]).unwrap();
+    let r = render(
+        "Subject: x\n\n{{ v }}",
+        &["v"],
+        "a@example.com",
+        &[&"y".repeat(2000)],
+    )
+    .unwrap();
     let m = text(&r);
-    assert_eq!(header_names(&m), ["subject", "content-transfer-encoding", "message-id"]);
+    assert_eq!(
+        header_names(&m),
+        ["subject", "content-transfer-encoding", "message-id"]
+    );
     assert_wire_clean(&r.bytes);
 }
 
@@ -340,19 +497,36 @@ fn long_line_in_multipart_body_is_an_error() {
 
 #[test]
 fn eight_bit_flag_follows_the_bytes() {
-    assert!(!render("Subject: x\n\nplain", &[], "a@example.com", &[]).unwrap().eight_bit);
-    assert!(render("Subject: x\n\ncafé", &[], "a@example.com", &[]).unwrap().eight_bit);
+    assert!(
+        !render("Subject: x\n\nplain", &[], "a@example.com", &[])
+            .unwrap()
+            .eight_bit
+    );
+    assert!(
+        render("Subject: x\n\ncafé", &[], "a@example.com", &[])
+            .unwrap()
+            .eight_bit
+    );
 }
 
 #[test]
 fn dot_lines_survive_rendering() {
-    let r = render("Subject: x\n\n.{{ v }}\n.\n..\n", &["v"], "a@example.com", &["test"]).unwrap();
+    let r = render(
+        "Subject: x\n\n.{{ v }}\n.\n..\n",
+        &["v"],
+        "a@example.com",
+        &["test"],
+    )
+    .unwrap();
     assert!(text(&r).ends_with("\r\n\r\n.test\r\n.\r\n..\r\n"));
 }
 
 #[test]
 fn quoted_printable_rules() {
-    assert_eq!(quoted_printable(b"a=b \r\nc\t\r\n"), b"a=3Db=20\r\nc=09\r\n");
+    assert_eq!(
+        quoted_printable(b"a=b \r\nc\t\r\n"),
+        b"a=3Db=20\r\nc=09\r\n"
+    );
     let long = quoted_printable(&[b'x'; 200]);
     assert!(long.split(|&b| b == b'\n').all(|l| l.len() <= 77));
 }
@@ -360,8 +534,14 @@ fn quoted_printable_rules() {
 fn read_campaign() -> (String, Vec<Vec<String>>) {
     let dir = std::path::Path::new("/work/shared/corpus/campaign");
     let template = std::fs::read_to_string(dir.join("template.eml")).unwrap();
-    let mut rdr = csv::ReaderBuilder::new().has_headers(false).from_path(dir.join("recipients.csv")).unwrap();
-    let rows = rdr.records().map(|r| r.unwrap().iter().map(str::to_string).collect()).collect();
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_path(dir.join("recipients.csv"))
+        .unwrap();
+    let rows = rdr
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_string).collect())
+        .collect();
     (template, rows)
 }
 
@@ -406,13 +586,27 @@ fn sample_campaign_renders_safely() {
         assert_eq!(header_names(&m), expected, "{row:?}\n{m}");
         assert_wire_clean(&r.bytes);
         let body = m.split_once("\r\n\r\n").unwrap().1;
-        for dot in ["\r\n.this line starts with a dot and must arrive with one dot.\r\n", "\r\n.\r\n", "\r\n..two dots stay two dots.\r\n"] {
+        for dot in [
+            "\r\n.this line starts with a dot and must arrive with one dot.\r\n",
+            "\r\n.\r\n",
+            "\r\n..two dots stay two dots.\r\n",
+        ] {
             assert!(body.contains(dot), "{row:?}: {dot:?} missing");
         }
-        assert!(!m.contains("someone@example.net\r\n") || !header_names(&m).contains(&"bcc".to_string()));
-        assert!(!r.envelope_to.is_empty() && r.envelope_to.is_ascii() != r.needs_smtputf8, "{row:?}");
+        assert!(
+            !m.contains("someone@example.net\r\n")
+                || !header_names(&m).contains(&"bcc".to_string())
+        );
+        assert!(
+            !r.envelope_to.is_empty() && r.envelope_to.is_ascii() != r.needs_smtputf8,
+            "{row:?}"
+        );
         let to = decode_words(&header_value(&m, "To"));
-        assert!(to.contains(&r.envelope_to) || r.envelope_to.contains("xn--"), "{to} vs {}", r.envelope_to);
+        assert!(
+            to.contains(&r.envelope_to) || r.envelope_to.contains("xn--"),
+            "{to} vs {}",
+            r.envelope_to
+        );
     }
     assert_eq!(refused, 3);
     assert!(ok >= 20);
@@ -429,7 +623,8 @@ fn corpus_messages_relay_unchanged() {
             }
             let raw = std::fs::read_to_string(&path).unwrap();
             check_template(&raw, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            let r = render(&raw, &[], "a@example.com", &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let r = render(&raw, &[], "a@example.com", &[])
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let want = normalize_crlf(&raw);
             let has_id = header_names(&want).contains(&"message-id".to_string());
             if has_id {
@@ -450,4 +645,3 @@ fn corpus_messages_relay_unchanged() {
         }
     }
 }
-
