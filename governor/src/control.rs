@@ -141,8 +141,16 @@ impl Meter {
                 lat[((lat.len() - 1) as f64 * p).round() as usize]
             }
         };
-        let throughput = if period_s > 0.0 { self.completed as f64 / period_s } else { 0.0 };
-        let avg_workers = if period_s > 0.0 { self.worker_secs / period_s } else { 0.0 };
+        let throughput = if period_s > 0.0 {
+            self.completed as f64 / period_s
+        } else {
+            0.0
+        };
+        let avg_workers = if period_s > 0.0 {
+            self.worker_secs / period_s
+        } else {
+            0.0
+        };
         let w = Window {
             period_s,
             attempts: self.completed,
@@ -152,7 +160,11 @@ impl Meter {
             in_doubt: self.in_doubt,
             throughput,
             avg_workers,
-            efficiency: if avg_workers > 0.0 { throughput / avg_workers } else { 0.0 },
+            efficiency: if avg_workers > 0.0 {
+                throughput / avg_workers
+            } else {
+                0.0
+            },
             utilization: if self.alloc_session_secs > 0.0 {
                 (self.busy_session_secs / self.alloc_session_secs).min(1.0)
             } else {
@@ -166,7 +178,10 @@ impl Meter {
             latency_p50_ms: pct(0.50),
             latency_p95_ms: pct(0.95),
         };
-        *self = Meter { latencies_ms: lat, ..Meter::new(now, n, self.sessions) };
+        *self = Meter {
+            latencies_ms: lat,
+            ..Meter::new(now, n, self.sessions)
+        };
         self.latencies_ms.clear();
         self.busy = busy;
         w
@@ -244,13 +259,15 @@ pub fn decide(inp: &Inputs, prev: &State) -> Decision {
                 ),
             ),
             // Nothing measured yet: if the pool is saturated, grow by one; otherwise hold.
-            _ if w.utilization > 0.9 => {
-                ((inp.workers + 1) as f64, "saturated before any measurement".to_string())
-            }
+            _ if w.utilization > 0.9 => (
+                (inp.workers + 1) as f64,
+                "saturated before any measurement".to_string(),
+            ),
             _ => (inp.workers as f64, "no measurement yet".to_string()),
         }
     };
-    let rec = clamp(required.ceil().max(0.0) as usize);
+    // (a tolerance so that 11.000000000000002 workers is 11, not 12)
+    let rec = clamp((required - 1e-9).ceil().max(0.0) as usize);
     state.recent.push_back(rec);
     while state.recent.len() > DOWN_WINDOW {
         state.recent.pop_front();
@@ -266,7 +283,10 @@ pub fn decide(inp: &Inputs, prev: &State) -> Decision {
         if current > ceiling && current - ceiling >= band && current > inp.min_workers {
             (ceiling, format!("scale down {current} -> {ceiling}"))
         } else if current < inp.min_workers {
-            (inp.min_workers, format!("scale up {current} -> {} (min_workers)", inp.min_workers))
+            (
+                inp.min_workers,
+                format!("scale up {current} -> {} (min_workers)", inp.min_workers),
+            )
         } else {
             (current, format!("hold {current}"))
         }
@@ -291,14 +311,25 @@ mod tests {
             attempts: throughput as u64,
             throughput,
             avg_workers,
-            efficiency: if avg_workers > 0.0 { throughput / avg_workers } else { 0.0 },
+            efficiency: if avg_workers > 0.0 {
+                throughput / avg_workers
+            } else {
+                0.0
+            },
             utilization,
             ..Window::default()
         }
     }
 
     fn inputs(target: f64, workers: usize, w: Window) -> Inputs {
-        Inputs { target, workers, min_workers: 1, max_workers: 50, backlog: true, window: w }
+        Inputs {
+            target,
+            workers,
+            min_workers: 1,
+            max_workers: 50,
+            backlog: true,
+            window: w,
+        }
     }
 
     #[test]
@@ -315,13 +346,20 @@ mod tests {
         assert!((w.throughput - 30.0).abs() < 1e-9);
         assert!((w.efficiency - 10.0).abs() < 1e-9);
         // busy 8*0.5 = 4 session-s of 8*0.5 + 16*0.5 = 12 allocated
-        assert!((w.utilization - 4.0 / 12.0).abs() < 1e-9, "{}", w.utilization);
+        assert!(
+            (w.utilization - 4.0 / 12.0).abs() < 1e-9,
+            "{}",
+            w.utilization
+        );
     }
 
     #[test]
     fn sizes_from_busy_worker_efficiency_not_raw_efficiency() {
         // 4 workers pacing at 100/s, each only 25% busy: a busy worker does 100/s.
-        let d = decide(&inputs(100.0, 4, window(100.0, 4.0, 0.25)), &State::default());
+        let d = decide(
+            &inputs(100.0, 4, window(100.0, 4.0, 0.25)),
+            &State::default(),
+        );
         assert_eq!(d.state.e_busy, Some(100.0));
         // need 100 * 1.1 / 100 = 1.1 -> 2 workers, but down only via the recent window: the
         // recommendation is 2, the band is 1, so it goes to 2.
@@ -349,7 +387,10 @@ mod tests {
 
     #[test]
     fn dead_band_holds_small_excess() {
-        let s = State { e_busy: Some(10.0), recent: VecDeque::from(vec![20; 4]) };
+        let s = State {
+            e_busy: Some(10.0),
+            recent: VecDeque::from(vec![20; 4]),
+        };
         // 20 workers, need ceil(172*1.1/10) = 19: 1 over but band at 20 workers is 1 -> the
         // recent window still holds 20 anyway; with all recent at 19 it would go down.
         let d = decide(&inputs(172.0, 20, window(172.0, 20.0, 0.86)), &s);
@@ -364,13 +405,19 @@ mod tests {
         let mut i = inputs(1.0, 5, window(1.0, 5.0, 0.01));
         i.min_workers = 3;
         i.backlog = false;
-        let s = State { e_busy: Some(20.0), recent: VecDeque::new() };
+        let s = State {
+            e_busy: Some(20.0),
+            recent: VecDeque::new(),
+        };
         assert_eq!(decide(&i, &s).workers, 3);
     }
 
     #[test]
     fn idle_pool_with_no_work_goes_to_min_workers() {
-        let s = State { e_busy: Some(20.0), recent: VecDeque::new() };
+        let s = State {
+            e_busy: Some(20.0),
+            recent: VecDeque::new(),
+        };
         let mut i = inputs(100.0, 6, window(0.0, 6.0, 0.0));
         i.backlog = false;
         let d = decide(&i, &s);

@@ -54,7 +54,9 @@ impl DeliveryLog {
     /// Opens (creating) the log for appending.
     pub fn open(path: &Path) -> io::Result<Self> {
         let f = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(DeliveryLog { out: BufWriter::with_capacity(256 * 1024, f) })
+        Ok(DeliveryLog {
+            out: BufWriter::with_capacity(256 * 1024, f),
+        })
     }
 
     /// Buffers one line.

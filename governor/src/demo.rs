@@ -41,9 +41,38 @@ This is message number {{ n }} of the governor demo, personalised for {{ city }}
 -- \n\
 Governor Demo\n";
 
-const FIRST: &[&str] = &["Alice", "Bob", "Zoë", "José", "Ana", "Jean-Luc", "Søren", "李", "Doe, Jane", "O'Brien"];
-const LAST: &[&str] = &["Smith", "Müller", "García", "Dupont", "Nakamura", "Ng", "Østergaard", "Kowalski"];
-const CITY: &[&str] = &["Berlin", "Paris", "Zürich", "Kraków", "Lisboa", "Oslo", "São Paulo", "Tokyo"];
+const FIRST: &[&str] = &[
+    "Alice",
+    "Bob",
+    "Zoë",
+    "José",
+    "Ana",
+    "Jean-Luc",
+    "Søren",
+    "李",
+    "Doe, Jane",
+    "O'Brien",
+];
+const LAST: &[&str] = &[
+    "Smith",
+    "Müller",
+    "García",
+    "Dupont",
+    "Nakamura",
+    "Ng",
+    "Østergaard",
+    "Kowalski",
+];
+const CITY: &[&str] = &[
+    "Berlin",
+    "Paris",
+    "Zürich",
+    "Kraków",
+    "Lisboa",
+    "Oslo",
+    "São Paulo",
+    "Tokyo",
+];
 
 fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) {
@@ -61,7 +90,8 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
         None => std::env::temp_dir().join(format!("governor-demo-{}", std::process::id())),
     };
     if dir.join("var").exists() {
-        std::fs::remove_dir_all(dir.join("var")).with_context(|| format!("cleaning {}", dir.display()))?;
+        std::fs::remove_dir_all(dir.join("var"))
+            .with_context(|| format!("cleaning {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut csv = String::from("email,first_name,last_name,city,n\n");
@@ -69,7 +99,14 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
         let f = FIRST[i as usize % FIRST.len()];
         let l = LAST[(i / 3) as usize % LAST.len()];
         let c = CITY[(i / 7) as usize % CITY.len()];
-        let _ = writeln!(csv, "user{i}@demo.example,{},{},{},{}", csv_field(f), csv_field(l), csv_field(c), i + 1);
+        let _ = writeln!(
+            csv,
+            "user{i}@demo.example,{},{},{},{}",
+            csv_field(f),
+            csv_field(l),
+            csv_field(c),
+            i + 1
+        );
     }
     std::fs::write(dir.join("recipients.csv"), csv)?;
     std::fs::write(dir.join("template.eml"), TEMPLATE)?;
@@ -117,16 +154,28 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
         opts.rate,
         dir.display()
     );
-    let summary = crate::run::run(cfg, RunOptions { worker: opts.worker, progress: true })
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let accepted = sink.stats.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    let summary = crate::run::run(
+        cfg,
+        RunOptions {
+            worker: opts.worker,
+            progress: true,
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let accepted = sink
+        .stats
+        .accepted
+        .load(std::sync::atomic::Ordering::SeqCst);
     sink.stop();
     eprintln!(
         "demo: sink accepted {accepted} messages; logs in {}",
         dir.join("var/log").display()
     );
     if accepted < summary.delivered {
-        bail!("the sink accepted {accepted} messages but the governor counts {} delivered", summary.delivered);
+        bail!(
+            "the sink accepted {accepted} messages but the governor counts {} delivered",
+            summary.delivered
+        );
     }
     Ok(summary)
 }

@@ -23,7 +23,11 @@ pub struct Pacer {
 impl Pacer {
     /// A pacer at `rate` messages/s, starting with one token so the first job goes at once.
     pub fn new(rate: f64, now: Instant) -> Self {
-        Pacer { rate: rate.max(0.0), tokens: 1.0, last: now }
+        Pacer {
+            rate: rate.max(0.0),
+            tokens: 1.0,
+            last: now,
+        }
     }
 
     /// The current rate.
@@ -107,7 +111,8 @@ mod tests {
     fn no_burst_after_a_long_idle_period() {
         let t0 = Instant::now();
         let mut p = Pacer::new(1000.0, t0);
-        p.take(p.available(t0));
+        let n = p.available(t0);
+        p.take(n);
         // 10 s idle: at most 20 ms worth (20 jobs) may go at once.
         assert_eq!(p.available(t0 + Duration::from_secs(10)), 20);
     }
@@ -139,7 +144,8 @@ mod tests {
     fn next_in_predicts_the_next_token() {
         let t0 = Instant::now();
         let mut p = Pacer::new(4.0, t0);
-        p.take(p.available(t0));
+        let n = p.available(t0);
+        p.take(n);
         let d = p.next_in();
         assert!((d.as_secs_f64() - 0.25).abs() < 1e-9, "{d:?}");
     }

@@ -111,7 +111,12 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run { config, worker, json, progress } => {
+        Cmd::Run {
+            config,
+            worker,
+            json,
+            progress,
+        } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -119,7 +124,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let opts = RunOptions { worker: worker.unwrap_or_else(default_worker), progress };
+            let opts = RunOptions {
+                worker: worker.unwrap_or_else(default_worker),
+                progress,
+            };
             match governor::run::run(cfg, opts) {
                 Ok(s) => {
                     print_summary(&s, json);
@@ -131,7 +139,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Sink { listen, latency_ms, tempfail_pct, permfail_pct, dump } => {
+        Cmd::Sink {
+            listen,
+            latency_ms,
+            tempfail_pct,
+            permfail_pct,
+            dump,
+        } => {
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
                 if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
@@ -139,7 +153,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             }
-            let opts = governor::sink::SinkOptions { listen, latency_ms, tempfail_pct, permfail_pct, dump };
+            let opts = governor::sink::SinkOptions {
+                listen,
+                latency_ms,
+                tempfail_pct,
+                permfail_pct,
+                dump,
+            };
             match governor::sink::run_foreground(opts, stop.clone()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -149,7 +169,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Demo { messages, rate, json, dir, worker } => {
+        Cmd::Demo {
+            messages,
+            rate,
+            json,
+            dir,
+            worker,
+        } => {
             let opts = governor::demo::DemoOptions {
                 messages,
                 rate,
@@ -159,8 +185,13 @@ fn main() -> ExitCode {
             match governor::demo::run(opts) {
                 Ok(s) => {
                     print_summary(&s, json);
-                    let ok = s.status == governor::run::Status::Complete && s.delivered + s.invalid == s.total;
-                    if ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
+                    let ok = s.status == governor::run::Status::Complete
+                        && s.delivered + s.invalid == s.total;
+                    if ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
                 }
                 Err(e) => {
                     eprintln!("governor demo: {e:#}");

@@ -143,7 +143,10 @@ pub enum Event {
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// A tiny xorshift generator for retry jitter (no cryptographic use).
@@ -173,11 +176,18 @@ pub fn retry_delay(cfg: &crate::config::RetryConfig, attempt: u32, jitter01: f64
 
 /// Validates the configured campaigns, ingests their recipients into the spool and returns the
 /// worker-facing specs by campaign id. Errors here are set-up errors: nothing has been sent.
-fn prepare_campaigns(cfg: &Config, spool: &mut Spool) -> Result<HashMap<u64, CampaignSpec>, RunError> {
+fn prepare_campaigns(
+    cfg: &Config,
+    spool: &mut Spool,
+) -> Result<HashMap<u64, CampaignSpec>, RunError> {
     let mut specs = HashMap::new();
     for (i, c) in cfg.campaigns.iter().enumerate() {
-        let template = read_template(&c.template, cfg.limits.template_max_bytes)
-            .map_err(|e| RunError::Setup(format!("campaign `{}` (campaign[{i}].template): {e}", c.name)))?;
+        let template = read_template(&c.template, cfg.limits.template_max_bytes).map_err(|e| {
+            RunError::Setup(format!(
+                "campaign `{}` (campaign[{i}].template): {e}",
+                c.name
+            ))
+        })?;
         let recipients = Recipients::open(&c.recipients, cfg.limits.field_max_bytes)
             .map_err(|e| RunError::Setup(format!("campaign `{}`: {e}", c.name)))?;
         let fields = recipients.fields().to_vec();
@@ -211,7 +221,10 @@ fn prepare_campaigns(cfg: &Config, spool: &mut Spool) -> Result<HashMap<u64, Cam
             .iter()
             .take(50)
         {
-            warn!("campaign={} line={line} invalid row {raw:?}: {reason}", c.name);
+            warn!(
+                "campaign={} line={line} invalid row {raw:?}: {reason}",
+                c.name
+            );
         }
         specs.insert(
             row.id,
@@ -238,7 +251,11 @@ fn read_template(path: &Path, max: usize) -> Result<String, String> {
     }
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     String::from_utf8(bytes).map_err(|e| {
-        format!("{}: not valid UTF-8 at byte {}", path.display(), e.utf8_error().valid_up_to())
+        format!(
+            "{}: not valid UTF-8 at byte {}",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
     })
 }
 
@@ -288,9 +305,13 @@ pub fn run(cfg: Config, opts: RunOptions) -> Result<Summary, RunError> {
     std::fs::create_dir_all(&cfg.log_dir)
         .map_err(|e| RunError::Setup(format!("log_dir {}: {e}", cfg.log_dir.display())))?;
     let mut spool = Spool::open(&cfg.spool).map_err(|e| RunError::Setup(e.to_string()))?;
-    let recovered = spool.recover().map_err(|e| RunError::Runtime(e.to_string()))?;
+    let recovered = spool
+        .recover()
+        .map_err(|e| RunError::Runtime(e.to_string()))?;
     if recovered > 0 {
-        warn!("{recovered} jobs were leased when the previous run ended: requeued and flagged in doubt");
+        warn!(
+            "{recovered} jobs were leased when the previous run ended: requeued and flagged in doubt"
+        );
     }
     let specs = prepare_campaigns(&cfg, &mut spool)?;
     let dlog = DeliveryLog::open(&cfg.log_dir.join("delivery.jsonl"))
@@ -300,7 +321,9 @@ pub fn run(cfg: Config, opts: RunOptions) -> Result<Summary, RunError> {
         .append(true)
         .open(cfg.log_dir.join("control.jsonl"))
         .map_err(|e| RunError::Setup(format!("control log in {}: {e}", cfg.log_dir.display())))?;
-    let counts = spool.counts(None).map_err(|e| RunError::Runtime(e.to_string()))?;
+    let counts = spool
+        .counts(None)
+        .map_err(|e| RunError::Runtime(e.to_string()))?;
     let (tx, rx) = crossbeam_channel::unbounded();
     let _signals = signals::forward(tx.clone(), Event::Signal)
         .map_err(|e| RunError::Setup(format!("cannot install signal handlers: {e}")))?;
@@ -417,12 +440,14 @@ impl Governor {
         if self.ready.is_empty() {
             t = t.min(self.next_lease);
         }
-        if self.sup.count(WorkerState::Ready) + self.sup.count(WorkerState::Starting) < self.desired {
+        if self.sup.count(WorkerState::Ready) + self.sup.count(WorkerState::Starting) < self.desired
+        {
             t = t.min(self.respawn_at);
         }
         // Reaping is driven by SIGCHLD; poll now and then in case a signal was coalesced.
         t = t.min(now + Duration::from_millis(250));
-        t.saturating_duration_since(now).max(Duration::from_micros(200))
+        t.saturating_duration_since(now)
+            .max(Duration::from_micros(200))
     }
 
     fn free_sessions(&self) -> usize {
@@ -441,17 +466,25 @@ impl Governor {
             Event::Signal(Sig::Reload) => self.reload(),
             Event::Signal(Sig::Stop) => {
                 if self.stopping.is_some() {
-                    warn!("second stop signal: stopping at once; jobs in flight are flagged in doubt at the next start");
+                    warn!(
+                        "second stop signal: stopping at once; jobs in flight are flagged in doubt at the next start"
+                    );
                     self.sup.stop_all(Duration::ZERO);
                     self.stopping = Some(Instant::now());
                     return Ok(());
                 }
                 let grace = self.cfg.supervisor.shutdown_grace;
-                info!("stop requested: no new jobs; waiting up to {:.1}s for jobs in flight", grace.as_secs_f64());
+                info!(
+                    "stop requested: no new jobs; waiting up to {:.1}s for jobs in flight",
+                    grace.as_secs_f64()
+                );
                 self.stopping = Some(Instant::now() + grace);
                 let ids: Vec<u64> = self.ready.drain(..).map(|j| j.job_id).collect();
                 if let Err(e) = self.spool.release(&ids) {
-                    error!("cannot release {} prefetched jobs: {e} (they will be requeued at the next start)", ids.len());
+                    error!(
+                        "cannot release {} prefetched jobs: {e} (they will be requeued at the next start)",
+                        ids.len()
+                    );
                 }
             }
             Event::Worker(inc, WorkerEvent::Frame(msg)) => self.on_frame(inc, msg),
@@ -481,7 +514,12 @@ impl Governor {
                         self.opts.worker.display(),
                         protocol::PROTOCOL_VERSION
                     );
-                    let _ = self.sup.send(inc, &ToWorker::Reject { reason: reason.clone() });
+                    let _ = self.sup.send(
+                        inc,
+                        &ToWorker::Reject {
+                            reason: reason.clone(),
+                        },
+                    );
                     self.sup.kill(inc);
                     self.escalated = Some(reason);
                     return;
@@ -512,10 +550,14 @@ impl Governor {
 
     fn on_outcome(&mut self, inc: u64, o: JobOutcome) {
         let now_unix = unix_now();
-        let Some(w) = self.sup.get_mut(inc) else { return };
+        let Some(w) = self.sup.get_mut(inc) else {
+            return;
+        };
         let (slot, pid) = (w.slot, w.pid);
         let job = match w.inflight.get(&o.job_id) {
-            Some(f) if f.job.lease_id == o.lease_id => w.inflight.remove(&o.job_id).expect("present").job,
+            Some(f) if f.job.lease_id == o.lease_id => {
+                w.inflight.remove(&o.job_id).expect("present").job
+            }
             _ => {
                 warn!(
                     "worker={slot} pid={pid} sent an outcome for job {} lease {} that was not leased to it: ignored",
@@ -538,12 +580,21 @@ impl Governor {
             OutcomeKind::Bounced => (Update::Final(Final::Bounced), "bounced"),
             OutcomeKind::Deferred | OutcomeKind::InDoubt => {
                 self.deferred += 1;
-                let label = if o.kind == OutcomeKind::InDoubt { "in_doubt" } else { "deferred" };
+                let label = if o.kind == OutcomeKind::InDoubt {
+                    "in_doubt"
+                } else {
+                    "deferred"
+                };
                 if job.attempt >= retry.max_attempts || age >= retry.max_age.as_secs_f64() {
                     (Update::Final(Final::Expired), "expired")
                 } else {
                     let d = retry_delay(retry, job.attempt, self.jitter.next());
-                    (Update::Deferred { next_attempt_at: now_unix + d.as_secs_f64() }, label)
+                    (
+                        Update::Deferred {
+                            next_attempt_at: now_unix + d.as_secs_f64(),
+                        },
+                        label,
+                    )
                 }
             }
         };
@@ -551,7 +602,11 @@ impl Governor {
             self.finals += 1;
         }
         let in_doubt = job.in_doubt || o.kind == OutcomeKind::InDoubt;
-        let campaign = self.specs.get(&job.campaign_id).map(|c| c.name.as_str()).unwrap_or("?");
+        let campaign = self
+            .specs
+            .get(&job.campaign_id)
+            .map(|c| c.name.as_str())
+            .unwrap_or("?");
         let line = Attempt {
             time: now_unix,
             campaign,
@@ -594,7 +649,15 @@ impl Governor {
     }
 
     fn on_exit(&mut self, ex: Exited) {
-        let Exited { slot, pid, status, state, lifetime, jobs, .. } = ex;
+        let Exited {
+            slot,
+            pid,
+            status,
+            state,
+            lifetime,
+            jobs,
+            ..
+        } = ex;
         let n = jobs.len();
         // Jobs a dead worker held may have been delivered (the 250 may have been read and the
         // outcome not yet sent): they go back to the front of the queue flagged in doubt.
@@ -603,9 +666,13 @@ impl Governor {
             job.in_doubt = true;
             self.ready.push_front(job);
         }
-        let expected = matches!(state, WorkerState::Draining | WorkerState::Killed) || self.stopping.is_some();
+        let expected =
+            matches!(state, WorkerState::Draining | WorkerState::Killed) || self.stopping.is_some();
         if expected {
-            info!("worker={slot} pid={pid} exited ({status}) after {:.1}s, {n} jobs requeued", lifetime.as_secs_f64());
+            info!(
+                "worker={slot} pid={pid} exited ({status}) after {:.1}s, {n} jobs requeued",
+                lifetime.as_secs_f64()
+            );
             return;
         }
         self.restarts += 1;
@@ -642,7 +709,9 @@ impl Governor {
             .map(|w| w.incarnation)
             .collect();
         for inc in stuck {
-            warn!("worker incarnation {inc} sent no hello within {HANDSHAKE_TIMEOUT:?}: killing it");
+            warn!(
+                "worker incarnation {inc} sent no hello within {HANDSHAKE_TIMEOUT:?}: killing it"
+            );
             // counted as a failure when reaped: state is Starting, not Killed
             if let Some(w) = self.sup.get(inc) {
                 let _ = nix::sys::signal::killpg(
@@ -660,7 +729,11 @@ impl Governor {
                         self.restarts += 1;
                         match self.restart.failed(now) {
                             Verdict::RestartAfter(d) => {
-                                error!("cannot spawn {}: {e}; retrying in {:.1}s", self.opts.worker.display(), d.as_secs_f64());
+                                error!(
+                                    "cannot spawn {}: {e}; retrying in {:.1}s",
+                                    self.opts.worker.display(),
+                                    d.as_secs_f64()
+                                );
                                 self.respawn_at = now + d;
                             }
                             Verdict::Escalate { failures } => {
@@ -681,7 +754,13 @@ impl Governor {
                 .workers()
                 .iter()
                 .filter(|w| matches!(w.state, WorkerState::Ready | WorkerState::Starting))
-                .map(|w| (w.inflight.len(), w.state == WorkerState::Starting, w.incarnation))
+                .map(|w| {
+                    (
+                        w.inflight.len(),
+                        w.state == WorkerState::Starting,
+                        w.incarnation,
+                    )
+                })
                 .collect();
             cands.sort_by_key(|&(n, starting, _)| (!starting, n));
             for &(_, starting, inc) in cands.iter().take(alive - self.desired) {
@@ -733,7 +812,11 @@ impl Governor {
             };
             let job = self.ready.pop_front().expect("not empty");
             if let Err(e) = self.send_job(inc, &job) {
-                let (slot, pid) = self.sup.get(inc).map(|w| (w.slot, w.pid)).unwrap_or_default();
+                let (slot, pid) = self
+                    .sup
+                    .get(inc)
+                    .map(|w| (w.slot, w.pid))
+                    .unwrap_or_default();
                 warn!("worker={slot} pid={pid} cannot take a job ({e}): killing it");
                 self.ready.push_front(job);
                 self.sup.kill(inc);
@@ -749,7 +832,11 @@ impl Governor {
     }
 
     fn send_job(&mut self, inc: u64, job: &LeasedJob) -> Result<(), protocol::FrameError> {
-        let needs_campaign = !self.sup.get(inc).map(|w| w.campaigns.contains(&job.campaign_id)).unwrap_or(false);
+        let needs_campaign = !self
+            .sup
+            .get(inc)
+            .map(|w| w.campaigns.contains(&job.campaign_id))
+            .unwrap_or(false);
         if needs_campaign {
             if let Some(spec) = self.specs.get(&job.campaign_id) {
                 self.sup.send(inc, &ToWorker::Campaign(spec.clone()))?;
@@ -769,7 +856,13 @@ impl Governor {
         });
         self.sup.send(inc, &frame)?;
         if let Some(w) = self.sup.get_mut(inc) {
-            w.inflight.insert(job.job_id, InFlight { job: job.clone(), sent_at: Instant::now() });
+            w.inflight.insert(
+                job.job_id,
+                InFlight {
+                    job: job.clone(),
+                    sent_at: Instant::now(),
+                },
+            );
         }
         Ok(())
     }
@@ -791,7 +884,10 @@ impl Governor {
             }
             Err(e) => {
                 if self.spool_error.is_none() {
-                    error!("spool write failed: {e}; dispatch paused, {} outcomes kept in memory and retried", self.pending.len());
+                    error!(
+                        "spool write failed: {e}; dispatch paused, {} outcomes kept in memory and retried",
+                        self.pending.len()
+                    );
                 }
                 self.spool_error = Some(e.to_string());
                 self.next_flush = Instant::now() + Duration::from_secs(1);
@@ -830,7 +926,11 @@ impl Governor {
         if d.workers != self.desired {
             info!("control: {}", d.reason);
         }
-        self.desired = if self.stopping.is_some() { self.desired } else { d.workers };
+        self.desired = if self.stopping.is_some() {
+            self.desired
+        } else {
+            d.workers
+        };
         #[derive(Serialize)]
         struct Line<'a> {
             time: f64,
@@ -861,7 +961,11 @@ impl Governor {
             tick: self.tick,
             target: inputs.target,
             throughput: w.throughput,
-            delivered_per_s: if w.period_s > 0.0 { w.delivered as f64 / w.period_s } else { 0.0 },
+            delivered_per_s: if w.period_s > 0.0 {
+                w.delivered as f64 / w.period_s
+            } else {
+                0.0
+            },
             efficiency: w.efficiency,
             e_busy: d.state.e_busy,
             utilization: w.utilization,
@@ -913,7 +1017,10 @@ impl Governor {
         if !self.pending.is_empty() {
             return Ok(false);
         }
-        let c = self.spool.counts(None).map_err(|e| RunError::Runtime(e.to_string()))?;
+        let c = self
+            .spool
+            .counts(None)
+            .map_err(|e| RunError::Runtime(e.to_string()))?;
         Ok(c.queued == 0 && c.leased == 0 && c.deferred == 0)
     }
 
@@ -925,7 +1032,10 @@ impl Governor {
                 let old = &self.cfg;
                 let mut changes = Vec::new();
                 if new.target_rate != old.target_rate {
-                    changes.push(format!("target_rate {} -> {}", old.target_rate, new.target_rate));
+                    changes.push(format!(
+                        "target_rate {} -> {}",
+                        old.target_rate, new.target_rate
+                    ));
                 }
                 if new.min_workers != old.min_workers || new.max_workers != old.max_workers {
                     changes.push(format!(
@@ -939,26 +1049,16 @@ impl Governor {
                         old.control_interval, new.control_interval
                     ));
                 }
-                let mut ignored = Vec::new();
-                if new.relay != old.relay {
-                    ignored.push("relay");
-                }
-                if new.timeouts != old.timeouts {
-                    ignored.push("timeouts");
-                }
-                if new.sessions != old.sessions {
-                    ignored.push("sessions");
-                }
-                if new.spool != old.spool || new.log_dir != old.log_dir {
-                    ignored.push("spool/log_dir");
-                }
+                let ignored = old.restart_required_changes(&new);
                 let now = Instant::now();
                 self.pacer.set_rate(new.target_rate, now);
                 self.cfg.target_rate = new.target_rate;
                 self.cfg.min_workers = new.min_workers;
                 self.cfg.max_workers = new.max_workers;
                 self.cfg.control_interval = new.control_interval;
-                self.desired = self.desired.clamp(new.min_workers as usize, new.max_workers as usize);
+                self.desired = self
+                    .desired
+                    .clamp(new.min_workers as usize, new.max_workers as usize);
                 self.next_tick = now;
                 if changes.is_empty() {
                     info!("reloaded {}: no reloadable change", path.display());
@@ -966,21 +1066,31 @@ impl Governor {
                     info!("reloaded {}: {}", path.display(), changes.join(", "));
                 }
                 if !ignored.is_empty() {
-                    warn!("reload: changes to {} take effect only after a restart", ignored.join(", "));
+                    warn!(
+                        "reload: changes to {} take effect only after a restart",
+                        ignored.join(", ")
+                    );
                 }
             }
         }
     }
 
     fn finish(mut self, status: Status) -> Result<Summary, RunError> {
-        let grace = if status == Status::Complete { self.cfg.supervisor.shutdown_grace } else { Duration::from_secs(2) };
+        let grace = if status == Status::Complete {
+            self.cfg.supervisor.shutdown_grace
+        } else {
+            Duration::from_secs(2)
+        };
         // Drained workers finish on their own; the rest get Shutdown and then SIGKILL.
         for ex in self.sup.stop_all(grace) {
             let Exited { jobs, .. } = ex;
             let ids: Vec<u64> = jobs.iter().map(|f| f.job.job_id).collect();
             // Their outcome is unknown; leave them leased: the next start flags them in doubt.
             if !ids.is_empty() {
-                warn!("{} jobs were in flight when workers stopped; they will be retried (in doubt) at the next start", ids.len());
+                warn!(
+                    "{} jobs were in flight when workers stopped; they will be retried (in doubt) at the next start",
+                    ids.len()
+                );
             }
         }
         let ids: Vec<u64> = self.ready.drain(..).map(|j| j.job_id).collect();
@@ -999,7 +1109,10 @@ impl Governor {
         }
         let _ = self.dlog.flush();
         let _ = self.clog.flush();
-        let c = self.spool.counts(None).map_err(|e| RunError::Runtime(e.to_string()))?;
+        let c = self
+            .spool
+            .counts(None)
+            .map_err(|e| RunError::Runtime(e.to_string()))?;
         let duration_s = self.started.elapsed().as_secs_f64();
         Ok(Summary {
             status,

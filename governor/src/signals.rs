@@ -38,17 +38,22 @@ pub fn forward<E: Send + 'static>(
 ) -> std::io::Result<SignalThread> {
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGCHLD])?;
     let handle = signals.handle();
-    let thread = std::thread::Builder::new().name("signals".into()).spawn(move || {
-        for sig in signals.forever() {
-            let s = match sig {
-                SIGHUP => Sig::Reload,
-                SIGCHLD => Sig::Child,
-                _ => Sig::Stop,
-            };
-            if tx.send(wrap(s)).is_err() {
-                break;
+    let thread = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let s = match sig {
+                    SIGHUP => Sig::Reload,
+                    SIGCHLD => Sig::Child,
+                    _ => Sig::Stop,
+                };
+                if tx.send(wrap(s)).is_err() {
+                    break;
+                }
             }
-        }
-    })?;
-    Ok(SignalThread { handle, thread: Some(thread) })
+        })?;
+    Ok(SignalThread {
+        handle,
+        thread: Some(thread),
+    })
 }

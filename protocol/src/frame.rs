@@ -37,7 +37,10 @@ pub enum FrameError {
 /// Checks an announced payload length against [`MAX_FRAME`].
 pub fn check_len(len: u32) -> Result<usize, FrameError> {
     if len > MAX_FRAME {
-        return Err(FrameError::TooLarge { len, max: MAX_FRAME });
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME,
+        });
     }
     Ok(len as usize)
 }
@@ -105,7 +108,7 @@ impl FrameDecoder {
 
     /// Returns the next complete message, `Ok(None)` when more bytes are needed. After an error
     /// the stream is out of sync and must be abandoned.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         if self.buf.len() < 4 {
             return Ok(None);
         }

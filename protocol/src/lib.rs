@@ -24,7 +24,9 @@
 
 pub mod frame;
 
-pub use frame::{FrameDecoder, FrameError, MAX_FRAME, decode_payload, encode, read_frame, write_frame};
+pub use frame::{
+    FrameDecoder, FrameError, MAX_FRAME, decode_payload, encode, read_frame, write_frame,
+};
 
 use serde::{Deserialize, Serialize};
 

@@ -4,7 +4,10 @@
 use super::*;
 
 fn hello() -> ToGovernor {
-    ToGovernor::Hello { version: 1, pid: 4242 }
+    ToGovernor::Hello {
+        version: 1,
+        pid: 4242,
+    }
 }
 
 fn job() -> ToWorker {
@@ -36,7 +39,10 @@ fn outcome() -> ToGovernor {
 #[test]
 fn hello_golden_bytes() {
     // variant 0, version 1, pid 4242 as a varint (0x92 0x21)
-    assert_eq!(encode(&hello()).unwrap(), vec![0, 0, 0, 4, 0, 1, 0x92, 0x21]);
+    assert_eq!(
+        encode(&hello()).unwrap(),
+        vec![0, 0, 0, 4, 0, 1, 0x92, 0x21]
+    );
 }
 
 #[test]
@@ -44,7 +50,7 @@ fn job_golden_bytes() {
     let bytes = encode(&job()).unwrap();
     let expect: Vec<u8> = vec![
         0, 0, 0, 19, // length
-        3, // variant Job
+        3,  // variant Job
         7, 9, 1, 1, // ids and attempt
         5, b'a', b'@', b'b', b'.', b'c', // recipient
         1, 2, b'A', b'l', // values
@@ -67,7 +73,10 @@ fn round_trip_through_a_stream() {
     let mut r = &wire[..];
     assert_eq!(read_frame::<_, ToGovernor>(&mut r).unwrap(), hello());
     assert_eq!(read_frame::<_, ToGovernor>(&mut r).unwrap(), outcome());
-    assert!(matches!(read_frame::<_, ToGovernor>(&mut r), Err(FrameError::Eof)));
+    assert!(matches!(
+        read_frame::<_, ToGovernor>(&mut r),
+        Err(FrameError::Eof)
+    ));
 }
 
 #[test]
@@ -78,7 +87,7 @@ fn decoder_handles_split_input_byte_by_byte() {
     let mut got = Vec::new();
     for b in wire {
         d.extend(&[b]);
-        while let Some(m) = d.next::<ToWorker>().unwrap() {
+        while let Some(m) = d.next_message::<ToWorker>().unwrap() {
             got.push(m);
         }
     }
@@ -90,31 +99,49 @@ fn decoder_handles_split_input_byte_by_byte() {
 fn oversized_prefix_is_refused_before_allocating() {
     let wire = [0xff, 0xff, 0xff, 0xff, 0];
     let err = read_frame::<_, ToGovernor>(&mut &wire[..]).unwrap_err();
-    assert!(matches!(err, FrameError::TooLarge { len: u32::MAX, .. }), "{err}");
+    assert!(
+        matches!(err, FrameError::TooLarge { len: u32::MAX, .. }),
+        "{err}"
+    );
     let mut d = FrameDecoder::new();
     d.extend(&wire);
-    assert!(matches!(d.next::<ToGovernor>(), Err(FrameError::TooLarge { .. })));
+    assert!(matches!(
+        d.next_message::<ToGovernor>(),
+        Err(FrameError::TooLarge { .. })
+    ));
 }
 
 #[test]
 fn unknown_variant_and_garbage_are_decode_errors() {
     // variant 99 does not exist
     let wire = [0, 0, 0, 1, 99];
-    assert!(matches!(read_frame::<_, ToGovernor>(&mut &wire[..]), Err(FrameError::Decode(_))));
+    assert!(matches!(
+        read_frame::<_, ToGovernor>(&mut &wire[..]),
+        Err(FrameError::Decode(_))
+    ));
     // trailing garbage after a valid message
     let wire = [0, 0, 0, 2, 4, 4];
-    assert!(matches!(read_frame::<_, ToWorker>(&mut &wire[..]), Err(FrameError::Decode(_))));
+    assert!(matches!(
+        read_frame::<_, ToWorker>(&mut &wire[..]),
+        Err(FrameError::Decode(_))
+    ));
 }
 
 #[test]
 fn truncated_frame_is_an_io_error_not_eof() {
     let wire = [0, 0, 0, 8, 0, 1];
-    assert!(matches!(read_frame::<_, ToGovernor>(&mut &wire[..]), Err(FrameError::Io(_))));
+    assert!(matches!(
+        read_frame::<_, ToGovernor>(&mut &wire[..]),
+        Err(FrameError::Io(_))
+    ));
 }
 
 #[test]
 fn auth_debug_never_shows_the_password() {
-    let a = Auth { username: "u".into(), password: "hunter2".into() };
+    let a = Auth {
+        username: "u".into(),
+        password: "hunter2".into(),
+    };
     assert!(!format!("{a:?}").contains("hunter2"));
 }
 
@@ -132,7 +159,10 @@ fn v1_fixture_still_decodes() {
                 host: "127.0.0.1".into(),
                 port: 2525,
                 tls: TlsMode::Opportunistic,
-                auth: Some(Auth { username: "u".into(), password: "p".into() }),
+                auth: Some(Auth {
+                    username: "u".into(),
+                    password: "p".into(),
+                }),
                 helo: "mta.example.com".into(),
                 ca_file: None,
                 insecure_skip_verify: false,
@@ -149,9 +179,17 @@ fn v1_fixture_still_decodes() {
         job(),
         ToWorker::Drain,
         ToWorker::Shutdown,
-        ToWorker::Reject { reason: "version".into() },
+        ToWorker::Reject {
+            reason: "version".into(),
+        },
     ];
-    let expect_gov = vec![hello(), outcome(), ToGovernor::Fatal { reason: "boom".into() }];
+    let expect_gov = vec![
+        hello(),
+        outcome(),
+        ToGovernor::Fatal {
+            reason: "boom".into(),
+        },
+    ];
     if std::env::var_os("PROTOCOL_WRITE_FIXTURE").is_some() {
         let mut out = Vec::new();
         for m in &expect_worker {
@@ -163,7 +201,8 @@ fn v1_fixture_still_decodes() {
         std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
         std::fs::write(path, out).unwrap();
     }
-    let bytes = std::fs::read(path).expect("fixture missing: run once with PROTOCOL_WRITE_FIXTURE=1");
+    let bytes =
+        std::fs::read(path).expect("fixture missing: run once with PROTOCOL_WRITE_FIXTURE=1");
     let mut r = &bytes[..];
     for m in expect_worker {
         assert_eq!(read_frame::<_, ToWorker>(&mut r).unwrap(), m);

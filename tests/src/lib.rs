@@ -36,7 +36,10 @@ pub use nix::sys::signal::Signal as Sig;
 
 /// The workspace root (the directory holding the workspace Cargo.toml).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// `tests/peers/`: the scripts of the Python peers.
@@ -90,7 +93,11 @@ fn build_bins() -> Bins {
         .expect("test binary lives in target/<profile>/deps")
         .to_path_buf();
     let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
-    let profile = profile_dir.file_name().expect("profile").to_string_lossy().into_owned();
+    let profile = profile_dir
+        .file_name()
+        .expect("profile")
+        .to_string_lossy()
+        .into_owned();
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root())
         .args(["build", "--bins", "-p", "governor", "-p", "mta-worker"])
@@ -111,8 +118,15 @@ fn build_bins() -> Bins {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let bins = Bins { governor: profile_dir.join("governor"), worker: profile_dir.join("mta-worker") };
-    assert!(bins.governor.is_file(), "missing {}", bins.governor.display());
+    let bins = Bins {
+        governor: profile_dir.join("governor"),
+        worker: profile_dir.join("mta-worker"),
+    };
+    assert!(
+        bins.governor.is_file(),
+        "missing {}",
+        bins.governor.display()
+    );
     assert!(bins.worker.is_file(), "missing {}", bins.worker.display());
     bins
 }
@@ -133,7 +147,8 @@ impl TestDir {
     pub fn new(name: &str) -> TestDir {
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!("governor-it-{name}-{}-{n}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("governor-it-{name}-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).expect("create test dir");
         set_mode(&path, 0o755);
@@ -181,8 +196,14 @@ pub struct Proc {
 impl Proc {
     /// Spawns `cmd`; `name` is used in messages.
     pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {name}: {e}"));
-        Proc { name: name.to_string(), child, status: None }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            status: None,
+        }
     }
 
     /// The child's pid.
@@ -215,7 +236,8 @@ impl Proc {
     /// Sends `sig` to the child.
     pub fn signal(&self, sig: Signal) {
         if self.status.is_none() {
-            kill(Pid::from_raw(self.pid()), sig).unwrap_or_else(|e| panic!("kill {sig} {}: {e}", self.name));
+            kill(Pid::from_raw(self.pid()), sig)
+                .unwrap_or_else(|e| panic!("kill {sig} {}: {e}", self.name));
         }
     }
 
@@ -243,7 +265,9 @@ impl Drop for Proc {
 /// Direct children of `pid` (all threads), from `/proc/<pid>/task/*/children`.
 pub fn children(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
     for t in tasks.flatten() {
         if let Ok(s) = fs::read_to_string(t.path().join("children")) {
             out.extend(s.split_whitespace().filter_map(|x| x.parse::<i32>().ok()));
@@ -266,14 +290,19 @@ pub fn descendants(pid: i32) -> Vec<i32> {
 
 /// The process name (`/proc/<pid>/comm`), `None` if gone.
 pub fn comm(pid: i32) -> Option<String> {
-    fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim().to_string())
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// True while `pid` exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         // "pid (comm) S ...": the state follows the last ')'.
-        Ok(s) => s.rsplit_once(')').map(|(_, r)| r.trim_start()).is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X')),
+        Ok(s) => s
+            .rsplit_once(')')
+            .map(|(_, r)| r.trim_start())
+            .is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X')),
         Err(_) => false,
     }
 }
@@ -294,7 +323,11 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind :0").local_addr().expect("local_addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind :0")
+        .local_addr()
+        .expect("local_addr")
+        .port()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,15 +384,23 @@ impl Peer {
         fs::create_dir_all(dir).expect("create dump dir");
         set_mode(dir, 0o777);
         let bin = std::env::var("SMTP_SINK").unwrap_or_else(|_| "/usr/sbin/smtp-sink".into());
-        assert!(Path::new(&bin).exists(), "{bin} not found: install Debian's postfix (see .ci/run)");
+        assert!(
+            Path::new(&bin).exists(),
+            "{bin} not found: install Debian's postfix (see .ci/run)"
+        );
         let template = format!("{}/%Y%m%d%H%M%S.", dir.display());
         Self::start(PeerKind::SmtpSink, dir, |port, log| {
             let mut c = Command::new(&bin);
             if nix::unistd::geteuid().is_root() {
                 c.args(["-u", "nobody"]);
             }
-            c.args(["-d", &template]).args(extra).arg(format!("127.0.0.1:{port}")).arg("256");
-            c.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+            c.args(["-d", &template])
+                .args(extra)
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("256");
+            c.stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log);
             c
         })
     }
@@ -370,8 +411,12 @@ impl Peer {
         let script = peers_dir().join("aiosmtpd_store.py");
         Self::start(PeerKind::Aiosmtpd, dir, |port, log| {
             let mut c = Command::new(python());
-            c.arg(&script).args(["--port", &port.to_string(), "--dir"]).arg(dir);
-            c.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+            c.arg(&script)
+                .args(["--port", &port.to_string(), "--dir"])
+                .arg(dir);
+            c.stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log);
             c
         })
     }
@@ -381,8 +426,12 @@ impl Peer {
         let gov = bins().governor.clone();
         Self::start(PeerKind::GovernorSink, dir, |port, log| {
             let mut c = Command::new(&gov);
-            c.args(["sink", "--listen", &format!("127.0.0.1:{port}"), "--dump"]).arg(dir).args(extra);
-            c.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+            c.args(["sink", "--listen", &format!("127.0.0.1:{port}"), "--dump"])
+                .arg(dir)
+                .args(extra);
+            c.stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log);
             c
         })
     }
@@ -399,7 +448,13 @@ impl Peer {
                 proc.try_wait().is_some() || TcpStream::connect(("127.0.0.1", port)).is_ok()
             });
             if up && proc.try_wait().is_none() {
-                return Peer { kind, port, dir: dir.to_path_buf(), proc, log };
+                return Peer {
+                    kind,
+                    port,
+                    dir: dir.to_path_buf(),
+                    proc,
+                    log,
+                };
             }
             last = fs::read_to_string(&log).unwrap_or_default();
         }
@@ -422,15 +477,18 @@ impl Peer {
 
     /// How many messages are stored so far (cheap: counts files).
     pub fn count(&self) -> usize {
-        let Ok(rd) = fs::read_dir(&self.dir) else { return 0 };
+        let Ok(rd) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
         match self.kind {
             PeerKind::SmtpSink => rd.flatten().filter(|e| e.path().is_file()).count(),
-            PeerKind::Aiosmtpd => {
-                rd.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "json")).count()
-            }
-            PeerKind::GovernorSink => {
-                fs::read_to_string(self.dir.join("ledger.jsonl")).map(|s| s.lines().count()).unwrap_or(0)
-            }
+            PeerKind::Aiosmtpd => rd
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count(),
+            PeerKind::GovernorSink => fs::read_to_string(self.dir.join("ledger.jsonl"))
+                .map(|s| s.lines().count())
+                .unwrap_or(0),
         }
     }
 }
@@ -447,7 +505,10 @@ pub fn split_path_args(s: &str) -> (String, Vec<String>) {
                 '\\' if in_quote => esc = true,
                 '"' => in_quote = !in_quote,
                 '>' if !in_quote => {
-                    let params = rest[i + 1..].split_whitespace().map(|p| p.to_ascii_uppercase()).collect();
+                    let params = rest[i + 1..]
+                        .split_whitespace()
+                        .map(|p| p.to_ascii_uppercase())
+                        .collect();
                     return (rest[..i].to_string(), params);
                 }
                 _ => {}
@@ -461,7 +522,12 @@ pub fn split_path_args(s: &str) -> (String, Vec<String>) {
 
 fn sorted_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -476,8 +542,13 @@ pub fn parse_smtp_sink_dump(file: &Path, raw: &[u8]) -> Stored {
     let mut rcpt = Vec::new();
     let mut seen_received = false;
     while pos < raw.len() {
-        let end = raw[pos..].iter().position(|&b| b == b'\n').map_or(raw.len(), |i| pos + i + 1);
-        let line = String::from_utf8_lossy(&raw[pos..end]).trim_end_matches('\n').to_string();
+        let end = raw[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(raw.len(), |i| pos + i + 1);
+        let line = String::from_utf8_lossy(&raw[pos..end])
+            .trim_end_matches('\n')
+            .to_string();
         if seen_received {
             if line.starts_with('\t') || line.starts_with(' ') {
                 pos = end;
@@ -495,15 +566,33 @@ pub fn parse_smtp_sink_dump(file: &Path, raw: &[u8]) -> Stored {
             || line.starts_with("X-Client-Proto: ")
             || line.starts_with("X-Helo-Args: "))
         {
-            panic!("{}: unexpected smtp-sink trace line {line:?}", file.display());
+            panic!(
+                "{}: unexpected smtp-sink trace line {line:?}",
+                file.display()
+            );
         }
         pos = end;
     }
-    assert!(seen_received, "{}: no smtp-sink Received header", file.display());
+    assert!(
+        seen_received,
+        "{}: no smtp-sink Received header",
+        file.display()
+    );
     let mut data = raw[pos..].to_vec();
-    assert!(data.ends_with(b"\n\n") || data == b"\n", "{}: smtp-sink dump lacks its final empty line", file.display());
+    assert!(
+        data.ends_with(b"\n\n") || data == b"\n",
+        "{}: smtp-sink dump lacks its final empty line",
+        file.display()
+    );
     data.pop();
-    Stored { file: file.to_path_buf(), mail_from, mail_params, rcpt, data, exact: false }
+    Stored {
+        file: file.to_path_buf(),
+        mail_from,
+        mail_params,
+        rcpt,
+        data,
+        exact: false,
+    }
 }
 
 fn read_smtp_sink_dir(dir: &Path) -> Vec<Stored> {
@@ -520,13 +609,22 @@ fn read_smtp_sink_dir(dir: &Path) -> Vec<Stored> {
 fn read_aiosmtpd_dir(dir: &Path) -> Vec<Stored> {
     let mut out: Vec<(u64, Stored)> = Vec::new();
     for p in sorted_files(dir) {
-        if p.extension().is_none_or(|x| x != "json") || p.file_name().unwrap().to_string_lossy().starts_with('.') {
+        if p.extension().is_none_or(|x| x != "json")
+            || p.file_name().unwrap().to_string_lossy().starts_with('.')
+        {
             continue;
         }
         let meta: Value = serde_json::from_slice(&fs::read(&p).unwrap()).expect("aiosmtpd json");
         let eml = p.with_extension("eml");
         let strs = |k: &str| -> Vec<String> {
-            meta[k].as_array().map(|a| a.iter().map(|v| v.as_str().unwrap_or("").to_string()).collect()).unwrap_or_default()
+            meta[k]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|v| v.as_str().unwrap_or("").to_string())
+                        .collect()
+                })
+                .unwrap_or_default()
         };
         out.push((
             meta["seq"].as_u64().unwrap_or(0),
@@ -534,7 +632,10 @@ fn read_aiosmtpd_dir(dir: &Path) -> Vec<Stored> {
                 data: fs::read(&eml).expect("aiosmtpd eml"),
                 file: eml,
                 mail_from: meta["mail_from"].as_str().unwrap_or("").to_string(),
-                mail_params: strs("mail_options").into_iter().map(|s| s.to_ascii_uppercase()).collect(),
+                mail_params: strs("mail_options")
+                    .into_iter()
+                    .map(|s| s.to_ascii_uppercase())
+                    .collect(),
                 rcpt: strs("rcpt_tos"),
                 exact: true,
             },
@@ -553,11 +654,24 @@ fn read_governor_sink_dir(dir: &Path) -> Vec<Stored> {
             Stored {
                 data: fs::read(&file).unwrap_or_default(),
                 file,
-                mail_from: l["mail_from"].as_str().unwrap_or("").trim_matches(['<', '>']).to_string(),
+                mail_from: l["mail_from"]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim_matches(['<', '>'])
+                    .to_string(),
                 mail_params: Vec::new(),
                 rcpt: l["rcpt"]
                     .as_array()
-                    .map(|a| a.iter().map(|v| v.as_str().unwrap_or("").trim_matches(['<', '>']).to_string()).collect())
+                    .map(|a| {
+                        a.iter()
+                            .map(|v| {
+                                v.as_str()
+                                    .unwrap_or("")
+                                    .trim_matches(['<', '>'])
+                                    .to_string()
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default(),
                 exact: true,
             }
@@ -651,7 +765,12 @@ impl Campaign {
     }
 
     /// Adds a campaign with sender `bounces@example.com`.
-    pub fn campaign(mut self, name: &str, recipients: impl Into<Vec<u8>>, template: impl Into<Vec<u8>>) -> Self {
+    pub fn campaign(
+        mut self,
+        name: &str,
+        recipients: impl Into<Vec<u8>>,
+        template: impl Into<Vec<u8>>,
+    ) -> Self {
         self.campaigns.push(CampaignSpec {
             name: name.into(),
             recipients: recipients.into(),
@@ -694,7 +813,10 @@ impl Campaign {
             "\n[supervisor]\nrestart_intensity = {}\nrestart_period = 30.0\nrestart_backoff_max = {:?}\nshutdown_grace = 5.0\n",
             self.restart_intensity, self.restart_backoff_max
         ));
-        s.push_str(&format!("\n[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"off\"\nhelo = \"localhost\"\n", self.port));
+        s.push_str(&format!(
+            "\n[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"off\"\nhelo = \"localhost\"\n",
+            self.port
+        ));
         s.push_str(&format!(
             "\n[retry]\nmax_attempts = {}\nmin_interval = {:?}\nmax_interval = {:?}\nmax_age = 3600.0\n",
             self.max_attempts, self.retry_min_interval, self.retry_max_interval
@@ -756,7 +878,12 @@ pub struct Outcome {
 impl Outcome {
     /// The `--json` summary: the last line of stdout, parsed.
     pub fn summary(&self) -> Value {
-        let last = self.stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        let last = self
+            .stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
         serde_json::from_str(last).unwrap_or_else(|e| {
             panic!("last stdout line is not a JSON summary ({e}): {last:?}\n--- stdout:\n{}\n--- stderr:\n{}", self.stdout, tail(&self.stderr, 4000))
         })
@@ -801,16 +928,30 @@ pub struct GovernorRun {
 pub fn spawn_governor(config: &Path, worker: Option<&Path>, extra: &[&str]) -> GovernorRun {
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::SeqCst);
-    let dir = config.parent().filter(|d| d.is_dir()).map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
+    let dir = config
+        .parent()
+        .filter(|d| d.is_dir())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir);
     let stdout = dir.join(format!("governor-{}-{n}.stdout", std::process::id()));
     let stderr = dir.join(format!("governor-{}-{n}.stderr", std::process::id()));
     let b = bins();
     let mut c = Command::new(&b.governor);
-    c.arg("run").arg("--config").arg(config).arg("--json").arg("--worker").arg(worker.unwrap_or(&b.worker)).args(extra);
+    c.arg("run")
+        .arg("--config")
+        .arg(config)
+        .arg("--json")
+        .arg("--worker")
+        .arg(worker.unwrap_or(&b.worker))
+        .args(extra);
     c.stdin(Stdio::null())
         .stdout(fs::File::create(&stdout).unwrap())
         .stderr(fs::File::create(&stderr).unwrap());
-    GovernorRun { proc: Proc::spawn("governor", &mut c), stdout, stderr }
+    GovernorRun {
+        proc: Proc::spawn("governor", &mut c),
+        stdout,
+        stderr,
+    }
 }
 
 impl GovernorRun {
@@ -826,7 +967,10 @@ impl GovernorRun {
 
     /// Its worker processes right now (children named mta-worker).
     pub fn workers(&self) -> Vec<i32> {
-        children(self.pid()).into_iter().filter(|p| comm(*p).is_some_and(|c| c.starts_with("mta-worker"))).collect()
+        children(self.pid())
+            .into_iter()
+            .filter(|p| comm(*p).is_some_and(|c| c.starts_with("mta-worker")))
+            .collect()
     }
 
     /// Stderr so far.
@@ -837,7 +981,8 @@ impl GovernorRun {
     /// Waits for the exit (SIGKILLs it and panics after `timeout`).
     pub fn wait(mut self, timeout: Duration) -> Outcome {
         let status = self.proc.wait_timeout(timeout);
-        let read = |p: &Path| String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).into_owned();
+        let read =
+            |p: &Path| String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).into_owned();
         if status.is_none() {
             self.proc.kill_all();
             panic!(
@@ -846,7 +991,11 @@ impl GovernorRun {
                 tail(&read(&self.stderr), 6000)
             );
         }
-        Outcome { code: status.unwrap().code(), stdout: read(&self.stdout), stderr: read(&self.stderr) }
+        Outcome {
+            code: status.unwrap().code(),
+            stdout: read(&self.stdout),
+            stderr: read(&self.stderr),
+        }
     }
 }
 
@@ -861,16 +1010,24 @@ pub fn run_governor(config: &Path, extra: &[&str], timeout: Duration) -> Outcome
 /// Jobs per state: `SELECT state, count(*) FROM jobs GROUP BY state`.
 pub fn spool_states(spool: &Path) -> BTreeMap<String, u64> {
     let db = open_spool(spool);
-    let mut st = db.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state").expect("prepare");
-    st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
-        .expect("query")
-        .map(|r| r.unwrap())
-        .collect()
+    let mut st = db
+        .prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        .expect("prepare");
+    st.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+    })
+    .expect("query")
+    .map(|r| r.unwrap())
+    .collect()
 }
 
 /// Jobs that are not final (queued, leased, deferred).
 pub fn spool_unfinished(spool: &Path) -> u64 {
-    spool_states(spool).iter().filter(|(s, _)| matches!(s.as_str(), "queued" | "leased" | "deferred")).map(|(_, n)| n).sum()
+    spool_states(spool)
+        .iter()
+        .filter(|(s, _)| matches!(s.as_str(), "queued" | "leased" | "deferred"))
+        .map(|(_, n)| n)
+        .sum()
 }
 
 /// One job row, as the tests read it.
@@ -921,8 +1078,9 @@ pub fn spool_jobs(spool: &Path) -> Vec<JobRow> {
 }
 
 fn open_spool(spool: &Path) -> rusqlite::Connection {
-    let db = rusqlite::Connection::open_with_flags(spool, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
-        .unwrap_or_else(|e| panic!("open spool {}: {e}", spool.display()));
+    let db =
+        rusqlite::Connection::open_with_flags(spool, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+            .unwrap_or_else(|e| panic!("open spool {}: {e}", spool.display()));
     db.busy_timeout(Duration::from_secs(10)).unwrap();
     db
 }
@@ -930,7 +1088,10 @@ fn open_spool(spool: &Path) -> rusqlite::Connection {
 /// Every line of a JSON-lines file (missing file: empty). A torn last line (a crash mid-write) is skipped.
 pub fn read_jsonl(path: &Path) -> Vec<Value> {
     let text = fs::read_to_string(path).unwrap_or_default();
-    text.lines().filter(|l| !l.trim().is_empty()).filter_map(|l| serde_json::from_str(l).ok()).collect()
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// Number of lines in a file (0 if missing).
@@ -961,9 +1122,21 @@ pub fn parse_mail(scratch: &Path, msgs: &[&[u8]]) -> Vec<Value> {
             p
         })
         .collect();
-    let out = Command::new(python()).arg(peers_dir().join("mailparse.py")).args(&files).output().expect("run mailparse.py");
-    assert!(out.status.success(), "mailparse.py failed: {}", String::from_utf8_lossy(&out.stderr));
-    let v: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let out = Command::new(python())
+        .arg(peers_dir().join("mailparse.py"))
+        .args(&files)
+        .output()
+        .expect("run mailparse.py");
+    assert!(
+        out.status.success(),
+        "mailparse.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(v.len(), msgs.len());
     v
 }
@@ -972,7 +1145,10 @@ pub fn parse_mail(scratch: &Path, msgs: &[&[u8]]) -> Vec<Value> {
 pub fn header_section(msg: &[u8]) -> &[u8] {
     let mut pos = 0;
     while pos < msg.len() {
-        let end = msg[pos..].iter().position(|&b| b == b'\n').map_or(msg.len(), |i| pos + i + 1);
+        let end = msg[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(msg.len(), |i| pos + i + 1);
         let line = &msg[pos..end];
         if line == b"\n" || line == b"\r\n" {
             return &msg[..pos];
@@ -1002,7 +1178,10 @@ pub fn remove_header(msg: &[u8], name: &str) -> (Vec<u8>, usize) {
     let mut skipping = false;
     let mut pos = 0;
     while pos < hdr_len {
-        let end = msg[pos..hdr_len].iter().position(|&b| b == b'\n').map_or(hdr_len, |i| pos + i + 1);
+        let end = msg[pos..hdr_len]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(hdr_len, |i| pos + i + 1);
         let line = &msg[pos..end];
         let cont = line.first().is_some_and(|&b| b == b' ' || b == b'\t');
         if !cont {
@@ -1058,7 +1237,10 @@ pub fn line_faults(data: &[u8], exact: bool) -> Vec<String> {
             line_no += 1;
             let crlf = c == b'\r' && data.get(i + 1) == Some(&b'\n');
             if exact && !crlf {
-                faults.push(format!("line {line_no}: bare {}", if c == b'\r' { "CR" } else { "LF" }));
+                faults.push(format!(
+                    "line {line_no}: bare {}",
+                    if c == b'\r' { "CR" } else { "LF" }
+                ));
             }
             let len = i - start;
             if len > 998 {
@@ -1136,7 +1318,13 @@ pub fn parse_csv(text: &str) -> Vec<Vec<String>> {
 pub fn domain_to_ascii(domain: &str) -> String {
     domain
         .split('.')
-        .map(|label| if label.is_ascii() { label.to_string() } else { format!("xn--{}", punycode(&label.to_lowercase())) })
+        .map(|label| {
+            if label.is_ascii() {
+                label.to_string()
+            } else {
+                format!("xn--{}", punycode(&label.to_lowercase()))
+            }
+        })
         .collect::<Vec<_>>()
         .join(".")
 }
@@ -1155,7 +1343,13 @@ fn punycode(input: &str) -> String {
         }
         k + (BASE - TMIN + 1) * delta / (delta + 38)
     }
-    let digit = |d: u32| -> char { if d < 26 { (b'a' + d as u8) as char } else { (b'0' + (d - 26) as u8) as char } };
+    let digit = |d: u32| -> char {
+        if d < 26 {
+            (b'a' + d as u8) as char
+        } else {
+            (b'0' + (d - 26) as u8) as char
+        }
+    };
     let cps: Vec<u32> = input.chars().map(|c| c as u32).collect();
     let mut out: String = input.chars().filter(char::is_ascii).collect();
     let b = out.len() as u32;
@@ -1176,7 +1370,13 @@ fn punycode(input: &str) -> String {
                 let mut q = delta;
                 let mut k = BASE;
                 loop {
-                    let t = if k <= bias { TMIN } else if k >= bias + TMAX { TMAX } else { k - bias };
+                    let t = if k <= bias {
+                        TMIN
+                    } else if k >= bias + TMAX {
+                        TMAX
+                    } else {
+                        k - bias
+                    };
                     if q < t {
                         break;
                     }
@@ -1217,7 +1417,8 @@ pub fn same_mailbox(a: &str, b: &str) -> bool {
 
 /// Reads from a connected stream until `needle` appears or `timeout` passes.
 pub fn read_until(s: &mut TcpStream, needle: &str, timeout: Duration) -> String {
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let end = Instant::now() + timeout;
     let mut buf = Vec::new();
     while Instant::now() < end && !String::from_utf8_lossy(&buf).contains(needle) {
@@ -1247,7 +1448,10 @@ mod tests {
     #[test]
     fn csv_handles_quotes_and_line_breaks() {
         let r = parse_csv("a,b\r\n\"x, \"\"y\"\"\",\"1\r\n2\"\r\nlast,\r\n");
-        assert_eq!(r, vec![vec!["a", "b"], vec!["x, \"y\"", "1\r\n2"], vec!["last", ""]]);
+        assert_eq!(
+            r,
+            vec![vec!["a", "b"], vec!["x, \"y\"", "1\r\n2"], vec!["last", ""]]
+        );
     }
 
     #[test]
@@ -1261,7 +1465,10 @@ mod tests {
         assert!(line_faults(b"a\r\nb\r\n", true).is_empty());
         assert_eq!(line_faults(b"a\nb\r\n", true), vec!["line 1: bare LF"]);
         let long = format!("{}\r\n", "x".repeat(999));
-        assert_eq!(line_faults(long.as_bytes(), true), vec!["line 1: 999 octets (> 998)"]);
+        assert_eq!(
+            line_faults(long.as_bytes(), true),
+            vec!["line 1: 999 octets (> 998)"]
+        );
     }
 
     #[test]
@@ -1276,7 +1483,10 @@ mod tests {
 
     #[test]
     fn header_removal_takes_continuations() {
-        let (m, n) = remove_header(b"A: 1\r\nMessage-ID:\r\n <x@y>\r\nB: 2\r\n\r\nMessage-ID: body\r\n", "message-id");
+        let (m, n) = remove_header(
+            b"A: 1\r\nMessage-ID:\r\n <x@y>\r\nB: 2\r\n\r\nMessage-ID: body\r\n",
+            "message-id",
+        );
         assert_eq!(n, 1);
         assert_eq!(m, b"A: 1\r\nB: 2\r\n\r\nMessage-ID: body\r\n");
     }

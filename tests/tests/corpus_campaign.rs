@@ -45,14 +45,22 @@ fn load_corpus() -> Corpus {
     let header = recs[0].clone();
     let mut valid: Vec<Row> = Vec::new();
     for r in &recs[1..] {
-        let fields: BTreeMap<String, String> = header.iter().cloned().zip(r.iter().cloned()).collect();
+        let fields: BTreeMap<String, String> =
+            header.iter().cloned().zip(r.iter().cloned()).collect();
         let email = fields["email"].clone();
-        if BAD_ADDRESSES.contains(&email.as_str()) || valid.iter().any(|v| v.email.eq_ignore_ascii_case(&email)) {
+        if BAD_ADDRESSES.contains(&email.as_str())
+            || valid.iter().any(|v| v.email.eq_ignore_ascii_case(&email))
+        {
             continue;
         }
         valid.push(Row { email, fields });
     }
-    Corpus { csv, template, valid, rows: recs.len() - 1 }
+    Corpus {
+        csv,
+        template,
+        valid,
+        rows: recs.len() - 1,
+    }
 }
 
 fn has_ctl(s: &str) -> bool {
@@ -61,18 +69,27 @@ fn has_ctl(s: &str) -> bool {
 
 /// Whitespace-insensitive form: runs of white space (and NUL) become one space, trimmed.
 fn norm(s: &str) -> String {
-    s.replace('\0', " ").split_whitespace().collect::<Vec<_>>().join(" ")
+    s.replace('\0', " ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Everything but white space and control characters, for values the governor had to sanitise.
 fn squash(s: &str) -> String {
-    s.chars().filter(|c| !c.is_whitespace() && !c.is_control()).collect()
+    s.chars()
+        .filter(|c| !c.is_whitespace() && !c.is_control())
+        .collect()
 }
 
 /// `got` shows `want`: exactly (modulo white-space runs) for clean values; for values with
 /// CR/LF/NUL/TAB, every other character kept in order.
 fn same_text(got: &str, want: &str) -> bool {
-    if has_ctl(want) { squash(got) == squash(want) } else { norm(got) == norm(want) }
+    if has_ctl(want) {
+        squash(got) == squash(want)
+    } else {
+        norm(got) == norm(want)
+    }
 }
 
 /// Envelope equality without any conversion: local part exact, domain ASCII case-insensitive.
@@ -128,75 +145,159 @@ fn deliver_corpus(kind: PeerKind) {
     // --- summary and spool
     let want_delivered = if smtputf8 { 19 } else { 18 };
     let want_bounced = if smtputf8 { 0 } else { 1 };
-    check(sum["status"] == "complete", format!("summary status {}", sum["status"]));
-    check(sum["total"] == 23, format!("summary total {} != 23", sum["total"]));
-    check(sum["invalid"] == 4, format!("summary invalid {} != 4", sum["invalid"]));
-    check(sum["delivered"] == want_delivered, format!("summary delivered {} != {want_delivered}", sum["delivered"]));
-    check(sum["bounced"] == want_bounced, format!("summary bounced {} != {want_bounced}", sum["bounced"]));
-    check(sum["pending"] == 0, format!("summary pending {} != 0", sum["pending"]));
+    check(
+        sum["status"] == "complete",
+        format!("summary status {}", sum["status"]),
+    );
+    check(
+        sum["total"] == 23,
+        format!("summary total {} != 23", sum["total"]),
+    );
+    check(
+        sum["invalid"] == 4,
+        format!("summary invalid {} != 4", sum["invalid"]),
+    );
+    check(
+        sum["delivered"] == want_delivered,
+        format!("summary delivered {} != {want_delivered}", sum["delivered"]),
+    );
+    check(
+        sum["bounced"] == want_bounced,
+        format!("summary bounced {} != {want_bounced}", sum["bounced"]),
+    );
+    check(
+        sum["pending"] == 0,
+        format!("summary pending {} != 0", sum["pending"]),
+    );
 
     let states = spool_states(&camp.spool());
-    let mut want_states = BTreeMap::from([("delivered".to_string(), want_delivered), ("invalid".to_string(), 4)]);
+    let mut want_states = BTreeMap::from([
+        ("delivered".to_string(), want_delivered),
+        ("invalid".to_string(), 4),
+    ]);
     if want_bounced > 0 {
         want_states.insert("bounced".into(), want_bounced);
     }
-    check(states == want_states, format!("spool states {states:?} != {want_states:?}"));
+    check(
+        states == want_states,
+        format!("spool states {states:?} != {want_states:?}"),
+    );
 
     let jobs = spool_jobs(&camp.spool());
     let invalid: Vec<&JobRow> = jobs.iter().filter(|j| j.state == "invalid").collect();
     let mut invalid_addrs: Vec<&str> = invalid.iter().map(|j| j.recipient.as_str()).collect();
     invalid_addrs.sort_unstable();
-    let mut want_invalid = vec!["alice@example.com", "missing-domain@", "not-an-address", "two@@example.com"];
+    let mut want_invalid = vec![
+        "alice@example.com",
+        "missing-domain@",
+        "not-an-address",
+        "two@@example.com",
+    ];
     want_invalid.sort_unstable();
-    check(invalid_addrs == want_invalid, format!("invalid rows {invalid_addrs:?} != {want_invalid:?}"));
+    check(
+        invalid_addrs == want_invalid,
+        format!("invalid rows {invalid_addrs:?} != {want_invalid:?}"),
+    );
     for j in &invalid {
         let reason = j.reason.clone().unwrap_or_default();
-        check(!reason.trim().is_empty(), format!("invalid row {} has no reason", j.recipient));
+        check(
+            !reason.trim().is_empty(),
+            format!("invalid row {} has no reason", j.recipient),
+        );
         if j.recipient == "alice@example.com" {
-            check(reason.to_lowercase().contains("dup"), format!("duplicate alice: reason {reason:?} does not say duplicate"));
+            check(
+                reason.to_lowercase().contains("dup"),
+                format!("duplicate alice: reason {reason:?} does not say duplicate"),
+            );
         }
     }
     // The first alice (Smith, Berlin) is the one delivered.
     check(
-        jobs.iter().any(|j| j.recipient == "alice@example.com" && j.state == "delivered"),
+        jobs.iter()
+            .any(|j| j.recipient == "alice@example.com" && j.state == "delivered"),
         "first alice@example.com row not delivered".into(),
     );
 
     if !smtputf8 {
         let j = jobs.iter().find(|j| j.recipient == UTF8_LOCAL);
         let text = j.and_then(|j| j.last_text.clone()).unwrap_or_default();
-        check(j.is_some_and(|j| j.state == "bounced"), format!("{UTF8_LOCAL} without SMTPUTF8: state {:?}, want bounced", j.map(|j| &j.state)));
-        check(text.to_uppercase().contains("SMTPUTF8"), format!("{UTF8_LOCAL} bounce reason {text:?} does not name SMTPUTF8"));
+        check(
+            j.is_some_and(|j| j.state == "bounced"),
+            format!(
+                "{UTF8_LOCAL} without SMTPUTF8: state {:?}, want bounced",
+                j.map(|j| &j.state)
+            ),
+        );
+        check(
+            text.to_uppercase().contains("SMTPUTF8"),
+            format!("{UTF8_LOCAL} bounce reason {text:?} does not name SMTPUTF8"),
+        );
         let log = camp.delivery_log();
         check(
-            log.iter().any(|l| l["recipient"] == UTF8_LOCAL && l["outcome"] == "bounced"),
+            log.iter()
+                .any(|l| l["recipient"] == UTF8_LOCAL && l["outcome"] == "bounced"),
             format!("delivery.jsonl has no bounced line for {UTF8_LOCAL}"),
         );
     }
 
     // --- what the receiver stored
     let stored = peer.messages();
-    check(stored.len() == want_delivered as usize, format!("receiver stored {} messages, want {want_delivered}", stored.len()));
-    let parsed = parse_mail(&tmp.join("parse"), &stored.iter().map(|s| s.data.as_slice()).collect::<Vec<_>>());
+    check(
+        stored.len() == want_delivered as usize,
+        format!(
+            "receiver stored {} messages, want {want_delivered}",
+            stored.len()
+        ),
+    );
+    let parsed = parse_mail(
+        &tmp.join("parse"),
+        &stored.iter().map(|s| s.data.as_slice()).collect::<Vec<_>>(),
+    );
     let template_body = c.template.split_once("\n\n").expect("template body").1;
-    let mut want_names: Vec<String> = header_names(c.template.as_bytes()).iter().map(|n| n.to_ascii_lowercase()).collect();
+    let mut want_names: Vec<String> = header_names(c.template.as_bytes())
+        .iter()
+        .map(|n| n.to_ascii_lowercase())
+        .collect();
     want_names.push("message-id".into());
     want_names.sort();
 
     for s in &stored {
-        check(s.rcpt.len() == 1, format!("{}: {} RCPTs {:?}, want one per message", s.file.display(), s.rcpt.len(), s.rcpt));
-        check(s.mail_from == "bounces@example.com", format!("{}: MAIL FROM {:?}", s.file.display(), s.mail_from));
+        check(
+            s.rcpt.len() == 1,
+            format!(
+                "{}: {} RCPTs {:?}, want one per message",
+                s.file.display(),
+                s.rcpt.len(),
+                s.rcpt
+            ),
+        );
+        check(
+            s.mail_from == "bounces@example.com",
+            format!("{}: MAIL FROM {:?}", s.file.display(), s.mail_from),
+        );
     }
 
     for row in &c.valid {
         let bounced_here = !smtputf8 && row.email == UTF8_LOCAL;
         let want_rcpt = envelope_form(&row.email);
-        let hits: Vec<usize> = (0..stored.len()).filter(|&i| stored[i].rcpt.iter().any(|r| envelope_eq(r, &want_rcpt))).collect();
+        let hits: Vec<usize> = (0..stored.len())
+            .filter(|&i| stored[i].rcpt.iter().any(|r| envelope_eq(r, &want_rcpt)))
+            .collect();
         if bounced_here {
-            check(hits.is_empty(), format!("{}: delivered to a receiver without SMTPUTF8", row.email));
+            check(
+                hits.is_empty(),
+                format!("{}: delivered to a receiver without SMTPUTF8", row.email),
+            );
             continue;
         }
-        check(hits.len() == 1, format!("{}: stored {} times (RCPT {want_rcpt:?}), want exactly once", row.email, hits.len()));
+        check(
+            hits.len() == 1,
+            format!(
+                "{}: stored {} times (RCPT {want_rcpt:?}), want exactly once",
+                row.email,
+                hits.len()
+            ),
+        );
         let Some(&i) = hits.first() else { continue };
         let (s, p) = (&stored[i], &parsed[i]);
         let who = format!("{} ({})", row.email, s.file.display());
@@ -206,20 +307,35 @@ fn deliver_corpus(kind: PeerKind) {
         check(faults.is_empty(), format!("{who}: line faults {faults:?}"));
 
         // header fields: the template's plus Message-ID, nothing injected
-        let mut names: Vec<String> = header_names(&s.data).iter().map(|n| n.to_ascii_lowercase()).collect();
+        let mut names: Vec<String> = header_names(&s.data)
+            .iter()
+            .map(|n| n.to_ascii_lowercase())
+            .collect();
         names.sort();
-        check(names == want_names, format!("{who}: header fields {names:?} != {want_names:?}"));
+        check(
+            names == want_names,
+            format!("{who}: header fields {names:?} != {want_names:?}"),
+        );
         let hdr = header_section(&s.data);
         if row.email != UTF8_LOCAL {
-            check(hdr.is_ascii(), format!("{who}: raw 8-bit bytes in the header section (must be RFC 2047 encoded)"));
+            check(
+                hdr.is_ascii(),
+                format!("{who}: raw 8-bit bytes in the header section (must be RFC 2047 encoded)"),
+            );
         } else {
-            check(s.mail_params.iter().any(|p| p == "SMTPUTF8"), format!("{who}: MAIL FROM without SMTPUTF8: {:?}", s.mail_params));
+            check(
+                s.mail_params.iter().any(|p| p == "SMTPUTF8"),
+                format!("{who}: MAIL FROM without SMTPUTF8: {:?}", s.mail_params),
+            );
         }
         let body_raw = &s.data[hdr.len()..];
         if !body_raw.is_ascii() {
             check(
                 s.mail_params.iter().any(|p| p == "BODY=8BITMIME"),
-                format!("{who}: 8-bit body sent without BODY=8BITMIME ({:?})", s.mail_params),
+                format!(
+                    "{who}: 8-bit body sent without BODY=8BITMIME ({:?})",
+                    s.mail_params
+                ),
             );
         }
         for e in p["errors"].as_array().unwrap() {
@@ -231,21 +347,32 @@ fn deliver_corpus(kind: PeerKind) {
         let subject = header(p, "subject");
         let want_subject = format!("Hello {}, your {} update", f["first_name"], f["city"]);
         check(
-            subject.len() == 1 && same_text(subject[0], &want_subject) && !subject[0].contains(['\r', '\n']),
+            subject.len() == 1
+                && same_text(subject[0], &want_subject)
+                && !subject[0].contains(['\r', '\n']),
             format!("{who}: Subject {subject:?}, want {want_subject:?}"),
         );
         let to = p["addresses"]["to"].as_array().cloned().unwrap_or_default();
         let want_display = format!("{} {}", f["first_name"], f["last_name"]);
-        check(to.len() == 1, format!("{who}: To has {} addresses: {to:?}", to.len()));
+        check(
+            to.len() == 1,
+            format!("{who}: To has {} addresses: {to:?}", to.len()),
+        );
         if let Some(a) = to.first() {
             let (disp, spec) = (a[0].as_str().unwrap(), a[1].as_str().unwrap());
             check(
                 same_text(disp, &want_display) && !disp.contains(['\r', '\n']),
                 format!("{who}: To display name {disp:?}, want {want_display:?}"),
             );
-            check(same_mailbox(spec, &row.email), format!("{who}: To address {spec:?}, want {:?}", row.email));
+            check(
+                same_mailbox(spec, &row.email),
+                format!("{who}: To address {spec:?}, want {:?}", row.email),
+            );
         }
-        let from = p["addresses"]["from"].as_array().cloned().unwrap_or_default();
+        let from = p["addresses"]["from"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         check(
             from.len() == 1 && from[0][1] == "news@example.com" && from[0][0] == "Example News",
             format!("{who}: From {from:?}"),
@@ -253,12 +380,18 @@ fn deliver_corpus(kind: PeerKind) {
         let mid = header(p, "message-id");
         let job = jobs.iter().find(|j| j.recipient == row.email);
         check(
-            mid.len() == 1 && job.is_some_and(|j| strip_angle(&j.message_id) == strip_angle(mid[0])),
-            format!("{who}: Message-ID {mid:?} vs spool {:?}", job.map(|j| &j.message_id)),
+            mid.len() == 1
+                && job.is_some_and(|j| strip_angle(&j.message_id) == strip_angle(mid[0])),
+            format!(
+                "{who}: Message-ID {mid:?} vs spool {:?}",
+                job.map(|j| &j.message_id)
+            ),
         );
 
         // decoded body
-        let want_body = render(template_body, f).replace("\r\n", "\n").replace('\r', "\n");
+        let want_body = render(template_body, f)
+            .replace("\r\n", "\n")
+            .replace('\r', "\n");
         match p["body"].as_str() {
             None => check(false, format!("{who}: no decodable body")),
             Some(body) => {
@@ -269,14 +402,26 @@ fn deliver_corpus(kind: PeerKind) {
                 };
                 check(ok, format!("{who}: body {body:?}\n  want {want_body:?}"));
                 let lines: Vec<&str> = body.lines().collect();
-                for dot in [".this line starts with a dot and must arrive with one dot.", ".", "..two dots stay two dots."] {
-                    check(lines.contains(&dot), format!("{who}: body lacks the line {dot:?}"));
+                for dot in [
+                    ".this line starts with a dot and must arrive with one dot.",
+                    ".",
+                    "..two dots stay two dots.",
+                ] {
+                    check(
+                        lines.contains(&dot),
+                        format!("{who}: body lacks the line {dot:?}"),
+                    );
                 }
             }
         }
     }
 
-    assert!(failures.is_empty(), "{} problem(s):\n- {}", failures.len(), failures.join("\n- "));
+    assert!(
+        failures.is_empty(),
+        "{} problem(s):\n- {}",
+        failures.len(),
+        failures.join("\n- ")
+    );
 }
 
 #[test]

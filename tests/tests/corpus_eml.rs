@@ -42,10 +42,18 @@ fn cases() -> Vec<Case> {
         for f in files {
             let template = std::fs::read(&f).unwrap();
             let name = format!("{sub}-{}", f.file_stem().unwrap().to_string_lossy());
-            out.push(Case { name, want: to_crlf(&template), template });
+            out.push(Case {
+                name,
+                want: to_crlf(&template),
+                template,
+            });
         }
     }
-    assert!(out.len() >= 30, "expected the 30 corpus messages, found {}", out.len());
+    assert!(
+        out.len() >= 30,
+        "expected the 30 corpus messages, found {}",
+        out.len()
+    );
     let synthetic: [(&str, &[u8], &[u8]); 3] = [
         (
             "synthetic-bcc",
@@ -64,13 +72,19 @@ fn cases() -> Vec<Case> {
         ),
     ];
     for (name, template, want) in synthetic {
-        out.push(Case { name: name.into(), template: template.to_vec(), want: want.to_vec() });
+        out.push(Case {
+            name: name.into(),
+            template: template.to_vec(),
+            want: want.to_vec(),
+        });
     }
     out
 }
 
 fn has_message_id(msg: &[u8]) -> bool {
-    header_names(msg).iter().any(|n| n.eq_ignore_ascii_case("message-id"))
+    header_names(msg)
+        .iter()
+        .any(|n| n.eq_ignore_ascii_case("message-id"))
 }
 
 fn lf(b: &[u8]) -> Vec<u8> {
@@ -115,9 +129,15 @@ fn relay_corpus(kind: PeerKind) {
         PeerKind::SmtpSink => Peer::smtp_sink(&tmp.join("received"), &[]),
         PeerKind::GovernorSink => unreachable!(),
     };
-    let mut camp = Campaign::new(&tmp.join("run"), peer.port).rate(500.0).workers(1, 2);
+    let mut camp = Campaign::new(&tmp.join("run"), peer.port)
+        .rate(500.0)
+        .workers(1, 2);
     for c in &cases {
-        camp = camp.campaign(&c.name, format!("email\r\n{}\r\n", recipient(c)), c.template.clone());
+        camp = camp.campaign(
+            &c.name,
+            format!("email\r\n{}\r\n", recipient(c)),
+            c.template.clone(),
+        );
     }
     let cfg = camp.write();
     let out = run_governor(&cfg, &[], Duration::from_secs(120));
@@ -129,13 +149,24 @@ fn relay_corpus(kind: PeerKind) {
     let stored = peer.messages();
     let mut failures = Vec::new();
     if stored.len() != cases.len() {
-        failures.push(format!("receiver stored {} messages, want {}", stored.len(), cases.len()));
+        failures.push(format!(
+            "receiver stored {} messages, want {}",
+            stored.len(),
+            cases.len()
+        ));
     }
     for c in &cases {
         let rcpt = recipient(c);
-        let hits: Vec<&Stored> = stored.iter().filter(|s| s.rcpt.iter().any(|r| r == &rcpt)).collect();
+        let hits: Vec<&Stored> = stored
+            .iter()
+            .filter(|s| s.rcpt.iter().any(|r| r == &rcpt))
+            .collect();
         let [s] = hits.as_slice() else {
-            failures.push(format!("{}: stored {} times, want once", c.name, hits.len()));
+            failures.push(format!(
+                "{}: stored {} times, want once",
+                c.name,
+                hits.len()
+            ));
             continue;
         };
         if s.rcpt != [rcpt.clone()] {
@@ -151,14 +182,27 @@ fn relay_corpus(kind: PeerKind) {
             remove_header(&s.data, "Message-ID")
         };
         if !has_message_id(&c.template) && added != 1 {
-            failures.push(format!("{}: template without Message-ID, stored {added} Message-ID fields (want 1)", c.name));
+            failures.push(format!(
+                "{}: template without Message-ID, stored {added} Message-ID fields (want 1)",
+                c.name
+            ));
         }
         let want = if s.exact { c.want.clone() } else { lf(&c.want) };
         if got != want {
-            failures.push(format!("{} ({}): stored bytes differ: {}", c.name, s.file.display(), first_difference(&got, &want)));
+            failures.push(format!(
+                "{} ({}): stored bytes differ: {}",
+                c.name,
+                s.file.display(),
+                first_difference(&got, &want)
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} problem(s):\n- {}", failures.len(), failures.join("\n- "));
+    assert!(
+        failures.is_empty(),
+        "{} problem(s):\n- {}",
+        failures.len(),
+        failures.join("\n- ")
+    );
 }
 
 #[test]

@@ -53,44 +53,79 @@ fn kill_a_worker(check_restarts: bool) {
     let run = spawn_governor(&cfg, None, &[]);
 
     assert!(
-        wait_until(Duration::from_secs(60), || peer.count() >= 150 || !alive(run.pid())),
+        wait_until(Duration::from_secs(60), || peer.count() >= 150
+            || !alive(run.pid())),
         "no progress: receiver has {} messages\n{}",
         peer.count(),
         tail(&run.stderr_now(), 4000)
     );
     let mut workers = Vec::new();
-    assert!(wait_until(Duration::from_secs(10), || {
-        workers = run.workers();
-        !workers.is_empty()
-    }), "governor {} has no mta-worker children", run.pid());
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            workers = run.workers();
+            !workers.is_empty()
+        }),
+        "governor {} has no mta-worker children",
+        run.pid()
+    );
     let victim = workers[0];
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Sig::SIGKILL).expect("kill -9 worker");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Sig::SIGKILL)
+        .expect("kill -9 worker");
     let delivered_at_kill = peer.count();
-    assert!(delivered_at_kill < N, "campaign finished before the kill; raise N");
+    assert!(
+        delivered_at_kill < N,
+        "campaign finished before the kill; raise N"
+    );
     // min_workers = 2: a replacement worker (a new pid) must appear.
     let replaced = wait_until(Duration::from_secs(15), || {
         run.workers().iter().any(|p| !workers.contains(p)) || !alive(run.pid())
     });
-    assert!(replaced, "no replacement for the killed worker {victim} within 15 s");
+    assert!(
+        replaced,
+        "no replacement for the killed worker {victim} within 15 s"
+    );
 
     let gov_pid = run.pid();
     let out = run.wait(Duration::from_secs(180));
     out.expect_code(0);
     let sum = out.summary();
     assert_eq!(sum["status"], "complete", "summary {sum}");
-    assert!(!check_restarts || sum["restarts"].as_u64().unwrap_or(0) >= 1, "summary restarts {} after a worker was SIGKILLed", sum["restarts"]);
+    assert!(
+        !check_restarts || sum["restarts"].as_u64().unwrap_or(0) >= 1,
+        "summary restarts {} after a worker was SIGKILLed",
+        sum["restarts"]
+    );
     assert_eq!(sum["pending"], 0, "summary {sum}");
     assert_eq!(sum["delivered"], N, "summary {sum}");
     assert!(!alive(victim), "killed worker {victim} still alive");
-    assert!(children(gov_pid).is_empty(), "processes left behind by the governor");
+    assert!(
+        children(gov_pid).is_empty(),
+        "processes left behind by the governor"
+    );
 
     let states = spool_states(&camp.spool());
-    assert_eq!(spool_unfinished(&camp.spool()), 0, "jobs without a final state: {states:?}");
-    assert_eq!(states.get("delivered").copied(), Some(N as u64), "spool states {states:?}");
+    assert_eq!(
+        spool_unfinished(&camp.spool()),
+        0,
+        "jobs without a final state: {states:?}"
+    );
+    assert_eq!(
+        states.get("delivered").copied(),
+        Some(N as u64),
+        "spool states {states:?}"
+    );
 
     let counts = per_recipient(&peer.messages());
-    let missing: Vec<String> = all_recipients(N).into_iter().filter(|r| !counts.contains_key(r)).collect();
-    assert!(missing.is_empty(), "{} recipients never reached the receiver, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    let missing: Vec<String> = all_recipients(N)
+        .into_iter()
+        .filter(|r| !counts.contains_key(r))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} recipients never reached the receiver, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
 }
 
 #[test]
@@ -106,25 +141,42 @@ fn governor_killed_mid_campaign_leaves_no_worker_and_rerun_completes_with_bounde
     let mut run = spawn_governor(&cfg, None, &[]);
 
     assert!(
-        wait_until(Duration::from_secs(60), || peer.count() >= 900 || !alive(run.pid())),
+        wait_until(Duration::from_secs(60), || peer.count() >= 900
+            || !alive(run.pid())),
         "no progress: receiver has {} messages\n{}",
         peer.count(),
         tail(&run.stderr_now(), 4000)
     );
     let workers = run.workers();
-    assert!(!workers.is_empty(), "governor {} has no mta-worker children", run.pid());
+    assert!(
+        !workers.is_empty(),
+        "governor {} has no mta-worker children",
+        run.pid()
+    );
     run.signal(Sig::SIGKILL);
-    assert!(run.proc.wait_timeout(Duration::from_secs(5)).is_some(), "governor survived SIGKILL");
+    assert!(
+        run.proc.wait_timeout(Duration::from_secs(5)).is_some(),
+        "governor survived SIGKILL"
+    );
     let at_kill = peer.count();
     assert!(at_kill < N, "campaign finished before the kill; raise N");
-    let survived = || workers.iter().copied().filter(|&p| alive(p)).collect::<Vec<_>>();
+    let survived = || {
+        workers
+            .iter()
+            .copied()
+            .filter(|&p| alive(p))
+            .collect::<Vec<_>>()
+    };
     let gone = wait_until(Duration::from_secs(2), || survived().is_empty());
     let left = survived();
     // Clean up before asserting, so a failure leaves nothing running.
     for p in &left {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), Sig::SIGKILL);
     }
-    assert!(gone, "workers {left:?} survived the governor's SIGKILL by more than 2 s");
+    assert!(
+        gone,
+        "workers {left:?} survived the governor's SIGKILL by more than 2 s"
+    );
     drop(run);
 
     let out = run_governor(&cfg, &[], Duration::from_secs(180));
@@ -135,14 +187,34 @@ fn governor_killed_mid_campaign_leaves_no_worker_and_rerun_completes_with_bounde
     let recovered = sum["recovered"].as_u64().expect("summary.recovered");
 
     let states = spool_states(&camp.spool());
-    assert_eq!(spool_unfinished(&camp.spool()), 0, "jobs without a final state: {states:?}");
-    assert_eq!(states.get("delivered").copied(), Some(N as u64), "spool states {states:?}");
+    assert_eq!(
+        spool_unfinished(&camp.spool()),
+        0,
+        "jobs without a final state: {states:?}"
+    );
+    assert_eq!(
+        states.get("delivered").copied(),
+        Some(N as u64),
+        "spool states {states:?}"
+    );
 
     let counts = per_recipient(&peer.messages());
-    let missing: Vec<String> = all_recipients(N).into_iter().filter(|r| !counts.contains_key(r)).collect();
-    assert!(missing.is_empty(), "{} recipients never delivered, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    let missing: Vec<String> = all_recipients(N)
+        .into_iter()
+        .filter(|r| !counts.contains_key(r))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} recipients never delivered, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
     let dups: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(dups.iter().all(|(_, n)| **n == 2), "recipients delivered more than twice: {:?}", dups.iter().filter(|(_, n)| **n > 2).collect::<Vec<_>>());
+    assert!(
+        dups.iter().all(|(_, n)| **n == 2),
+        "recipients delivered more than twice: {:?}",
+        dups.iter().filter(|(_, n)| **n > 2).collect::<Vec<_>>()
+    );
     assert!(
         dups.len() as u64 <= recovered,
         "{} recipients delivered twice but only {recovered} jobs recovered at restart: {:?}",
@@ -153,8 +225,17 @@ fn governor_killed_mid_campaign_leaves_no_worker_and_rerun_completes_with_bounde
     let unflagged: Vec<&String> = dups
         .iter()
         .map(|(r, _)| *r)
-        .filter(|r| !log.iter().any(|l| l["recipient"] == r.as_str() && l["in_doubt"] == true))
+        .filter(|r| {
+            !log.iter()
+                .any(|l| l["recipient"] == r.as_str() && l["in_doubt"] == true)
+        })
         .collect();
-    assert!(unflagged.is_empty(), "duplicates not flagged in_doubt in delivery.jsonl: {unflagged:?}");
-    eprintln!("governor kill: {at_kill} delivered at the kill, {recovered} recovered, {} duplicates", dups.len());
+    assert!(
+        unflagged.is_empty(),
+        "duplicates not flagged in_doubt in delivery.jsonl: {unflagged:?}"
+    );
+    eprintln!(
+        "governor kill: {at_kill} delivered at the kill, {recovered} recovered, {} duplicates",
+        dups.len()
+    );
 }

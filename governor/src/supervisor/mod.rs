@@ -111,7 +111,12 @@ pub struct Supervisor {
 impl Supervisor {
     /// A supervisor with no workers yet.
     pub fn new(worker_path: PathBuf, log_dir: PathBuf) -> Self {
-        Supervisor { worker_path, log_dir, workers: Vec::new(), next_incarnation: 1 }
+        Supervisor {
+            worker_path,
+            log_dir,
+            workers: Vec::new(),
+            next_incarnation: 1,
+        }
     }
 
     /// Path of a slot's log file.
@@ -138,25 +143,27 @@ impl Supervisor {
         stream.set_write_timeout(Some(Duration::from_secs(5)))?;
         let mut reader = stream.try_clone()?;
         let tx = tx.clone();
-        std::thread::Builder::new().name(format!("worker-{slot}-rx")).spawn(move || {
-            loop {
-                match protocol::read_frame::<_, ToGovernor>(&mut reader) {
-                    Ok(msg) => {
-                        if tx.send(wrap(incarnation, WorkerEvent::Frame(msg))).is_err() {
+        std::thread::Builder::new()
+            .name(format!("worker-{slot}-rx"))
+            .spawn(move || {
+                loop {
+                    match protocol::read_frame::<_, ToGovernor>(&mut reader) {
+                        Ok(msg) => {
+                            if tx.send(wrap(incarnation, WorkerEvent::Frame(msg))).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let why = match e {
+                                FrameError::Eof => "socket closed".to_string(),
+                                e => e.to_string(),
+                            };
+                            let _ = tx.send(wrap(incarnation, WorkerEvent::Closed(why)));
                             return;
                         }
                     }
-                    Err(e) => {
-                        let why = match e {
-                            FrameError::Eof => "socket closed".to_string(),
-                            e => e.to_string(),
-                        };
-                        let _ = tx.send(wrap(incarnation, WorkerEvent::Closed(why)));
-                        return;
-                    }
                 }
-            }
-        })?;
+            })?;
         let pid = child.id();
         self.workers.push(Worker {
             slot,
@@ -181,7 +188,9 @@ impl Supervisor {
 
     /// Mutable access to one worker by incarnation.
     pub fn get_mut(&mut self, incarnation: u64) -> Option<&mut Worker> {
-        self.workers.iter_mut().find(|w| w.incarnation == incarnation)
+        self.workers
+            .iter_mut()
+            .find(|w| w.incarnation == incarnation)
     }
 
     /// One worker by incarnation.
@@ -273,7 +282,12 @@ impl Supervisor {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        for inc in self.workers.iter().map(|w| w.incarnation).collect::<Vec<_>>() {
+        for inc in self
+            .workers
+            .iter()
+            .map(|w| w.incarnation)
+            .collect::<Vec<_>>()
+        {
             self.kill(inc);
         }
         while !self.workers.is_empty() {
@@ -290,7 +304,10 @@ impl Supervisor {
             format!("worker binary {}: {e} (build it with `cargo build --release` or pass --worker PATH)", path.display())
         })?;
         if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-            return Err(format!("worker binary {} is not an executable file (pass --worker PATH)", path.display()));
+            return Err(format!(
+                "worker binary {} is not an executable file (pass --worker PATH)",
+                path.display()
+            ));
         }
         Ok(())
     }

@@ -34,7 +34,13 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 impl RestartPolicy {
     /// `intensity` failures are tolerated within `period`; back-off is capped at `backoff_max`.
     pub fn new(intensity: u32, period: Duration, backoff_max: Duration) -> Self {
-        RestartPolicy { intensity, period, backoff_max, failures: VecDeque::new(), consecutive: 0 }
+        RestartPolicy {
+            intensity,
+            period,
+            backoff_max,
+            failures: VecDeque::new(),
+            consecutive: 0,
+        }
     }
 
     /// Records a failure at `now` and says what to do.
@@ -48,7 +54,9 @@ impl RestartPolicy {
             }
         }
         if self.failures.len() > self.intensity as usize {
-            return Verdict::Escalate { failures: self.failures.len() };
+            return Verdict::Escalate {
+                failures: self.failures.len(),
+            };
         }
         let step = BACKOFF_BASE.saturating_mul(1u32 << self.consecutive.min(16));
         self.consecutive += 1;
@@ -113,7 +121,10 @@ mod tests {
         p.failed(t0);
         p.failed(t0 + Duration::from_secs(1));
         // 12 s later the first two are outside the window.
-        assert!(matches!(p.failed(t0 + Duration::from_secs(12)), Verdict::RestartAfter(_)));
+        assert!(matches!(
+            p.failed(t0 + Duration::from_secs(12)),
+            Verdict::RestartAfter(_)
+        ));
         assert_eq!(p.recent(), 1);
     }
 }

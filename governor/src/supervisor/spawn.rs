@@ -28,7 +28,10 @@ pub struct Spawned {
 pub fn spawn(worker: &Path, slot: u32, log_path: &Path) -> io::Result<Spawned> {
     let (ours, theirs) = UnixStream::pair()?;
     let theirs: OwnedFd = theirs.into();
-    let stderr = OpenOptions::new().create(true).append(true).open(log_path)?;
+    let stderr = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)?;
     let fd = theirs.as_raw_fd();
     let parent = nix::unistd::getpid();
     let mut cmd = Command::new(worker);
@@ -50,7 +53,11 @@ pub fn spawn(worker: &Path, slot: u32, log_path: &Path) -> io::Result<Spawned> {
             if nix::libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
-            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, Signal::SIGKILL as nix::libc::c_ulong) < 0 {
+            if nix::libc::prctl(
+                nix::libc::PR_SET_PDEATHSIG,
+                Signal::SIGKILL as nix::libc::c_ulong,
+            ) < 0
+            {
                 return Err(io::Error::last_os_error());
             }
             // The governor may have died between fork and prctl: then nobody would kill us.
@@ -62,5 +69,8 @@ pub fn spawn(worker: &Path, slot: u32, log_path: &Path) -> io::Result<Spawned> {
     }
     let child = cmd.spawn()?;
     drop(theirs);
-    Ok(Spawned { child, stream: ours })
+    Ok(Spawned {
+        child,
+        stream: ours,
+    })
 }
