@@ -377,9 +377,10 @@ mod tests {
 
     #[test]
     fn scale_down_only_to_the_highest_recent_recommendation() {
-        let mut s = State::default();
-        s.e_busy = Some(10.0);
-        s.recent = VecDeque::from(vec![12, 9, 8]);
+        let s = State {
+            e_busy: Some(10.0),
+            recent: VecDeque::from(vec![12, 9, 8]),
+        };
         // now only 6 needed, but 12 was recommended recently: hold at 12.
         let d = decide(&inputs(50.0, 12, window(50.0, 12.0, 50.0 / 120.0)), &s);
         assert_eq!(d.workers, 12, "{}", d.reason);

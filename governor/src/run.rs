@@ -479,13 +479,7 @@ impl Governor {
                     grace.as_secs_f64()
                 );
                 self.stopping = Some(Instant::now() + grace);
-                let ids: Vec<u64> = self.ready.drain(..).map(|j| j.job_id).collect();
-                if let Err(e) = self.spool.release(&ids) {
-                    error!(
-                        "cannot release {} prefetched jobs: {e} (they will be requeued at the next start)",
-                        ids.len()
-                    );
-                }
+                self.release_ready();
             }
             Event::Worker(inc, WorkerEvent::Frame(msg)) => self.on_frame(inc, msg),
             Event::Worker(inc, WorkerEvent::Closed(why)) => {
@@ -639,6 +633,25 @@ impl Governor {
         });
         if self.pending.len() >= 1000 {
             self.next_flush = Instant::now();
+        }
+    }
+
+    /// Returns prefetched jobs that were never sent to the queue in the spool, keeping the
+    /// in-doubt flag of those that came back from a dead worker.
+    fn release_ready(&mut self) {
+        let (doubt, clean): (Vec<LeasedJob>, Vec<LeasedJob>) =
+            self.ready.drain(..).partition(|j| j.in_doubt);
+        let doubt: Vec<u64> = doubt.iter().map(|j| j.job_id).collect();
+        let clean: Vec<u64> = clean.iter().map(|j| j.job_id).collect();
+        if let Err(e) = self
+            .spool
+            .release(&clean)
+            .and_then(|_| self.spool.release_in_doubt(&doubt))
+        {
+            error!(
+                "cannot release {} prefetched jobs: {e} (they are requeued, flagged in doubt, at the next start)",
+                clean.len() + doubt.len()
+            );
         }
     }
 
@@ -1093,12 +1106,7 @@ impl Governor {
                 );
             }
         }
-        let ids: Vec<u64> = self.ready.drain(..).map(|j| j.job_id).collect();
-        if !ids.is_empty() {
-            if let Err(e) = self.spool.release(&ids) {
-                error!("cannot release prefetched jobs: {e}");
-            }
-        }
+        self.release_ready();
         self.flush()?;
         if !self.pending.is_empty() {
             return Err(RunError::Runtime(format!(
