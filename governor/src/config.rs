@@ -81,7 +81,8 @@ pub struct SupervisorConfig {
     pub shutdown_grace: Duration,
 }
 
-/// `[retry]`: how often and how long a deferred job is retried.
+/// `[retry]`: how often and how long a deferred job is retried, and how the retry limit adapts
+/// (see [`crate::retry`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryConfig {
     /// Most delivery attempts per job (the control loop may adapt it below this).
@@ -92,6 +93,49 @@ pub struct RetryConfig {
     pub max_interval: Duration,
     /// A job older than this since its first attempt expires instead of being retried.
     pub max_age: Duration,
+    /// Fewest attempts the adaptive limit may go down to (1..=max_attempts).
+    pub min_attempts: u32,
+    /// Which measurements adapt the limit; none is a fixed limit of `max_attempts`.
+    pub adapt: crate::retry::Adapt,
+    /// More allocated workers than this lower the limit (claim 54).
+    pub workers_high: u32,
+    /// Fewer allocated workers than this raise it (claim 55); <= `workers_high`.
+    pub workers_low: u32,
+    /// A failure rate above this lowers the limit (claim 56).
+    pub failure_high: f64,
+    /// A failure rate below this raises it (claim 57); <= `failure_high`.
+    pub failure_low: f64,
+    /// Utilization above which the limit falls in inverse proportion (claim 59).
+    pub utilization_ref: f64,
+    /// Weight of the stage of delivery (claim 58), in [0, 1].
+    pub stage_weight: f64,
+}
+
+impl Default for RetryConfig {
+    /// The defaults of `[retry]` for the default `max_workers = 8`.
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 5,
+            min_interval: Duration::from_secs(60),
+            max_interval: Duration::from_secs(3600),
+            max_age: Duration::from_secs(5 * 86400),
+            min_attempts: 2,
+            adapt: crate::retry::Adapt::default(),
+            workers_high: 6,
+            workers_low: 2,
+            failure_high: 0.2,
+            failure_low: 0.05,
+            utilization_ref: 0.5,
+            stage_weight: 0.5,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The retry-limit policy these keys describe.
+    pub fn policy(&self) -> crate::retry::Policy {
+        crate::retry::Policy::from_config(self)
+    }
 }
 
 /// `[limits]`: sizes above which input is refused.
@@ -249,6 +293,14 @@ struct RawRetry {
     min_interval: Option<f64>,
     max_interval: Option<f64>,
     max_age: Option<f64>,
+    min_attempts: Option<i64>,
+    adapt: Option<Vec<String>>,
+    workers_high: Option<i64>,
+    workers_low: Option<i64>,
+    failure_high: Option<f64>,
+    failure_low: Option<f64>,
+    utilization_ref: Option<f64>,
+    stage_weight: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -358,6 +410,23 @@ impl Check<'_> {
         }
         Ok(meta.len())
     }
+}
+
+/// A number in [0, 1] (`zero_ok`) or (0, 1].
+fn fraction(
+    check: &Check,
+    key: &str,
+    v: Option<f64>,
+    default: f64,
+    zero_ok: bool,
+) -> Result<f64, ConfigError> {
+    let v = v.unwrap_or(default);
+    let ok = v.is_finite() && v <= 1.0 && if zero_ok { v >= 0.0 } else { v > 0.0 };
+    if !ok {
+        let lo = if zero_ok { "0 <= x" } else { "0 < x" };
+        return Err(check.err(key, format!("must be a number with {lo} <= 1 (got {v})")));
+    }
+    Ok(v)
 }
 
 fn to_u32(v: i64) -> u32 {
@@ -569,11 +638,58 @@ impl Config {
                 ),
             ));
         }
+        let max_attempts = c.int("retry.max_attempts", rt.max_attempts, 5, 1, 1000)?;
+        let min_attempts = c.int(
+            "retry.min_attempts",
+            rt.min_attempts,
+            2.min(max_attempts),
+            1,
+            max_attempts,
+        )?;
+        let adapt = crate::retry::Adapt::parse(rt.adapt.as_deref().unwrap_or_default())
+            .map_err(|e| c.err("retry.adapt", e))?;
+        // Defaults relative to the pool: a quarter and three quarters of max_workers.
+        let workers_high = c.int(
+            "retry.workers_high",
+            rt.workers_high,
+            (max_workers * 3).div_ceil(4),
+            0,
+            u32::MAX as i64,
+        )?;
+        let workers_low = c.int(
+            "retry.workers_low",
+            rt.workers_low,
+            (max_workers / 4).min(workers_high),
+            0,
+            u32::MAX as i64,
+        )?;
+        if workers_low > workers_high {
+            return Err(c.err(
+                "retry.workers_low",
+                format!("must be <= retry.workers_high ({workers_high}) (got {workers_low})"),
+            ));
+        }
+        let failure_high = fraction(&c, "retry.failure_high", rt.failure_high, 0.2, true)?;
+        let failure_low = fraction(&c, "retry.failure_low", rt.failure_low, 0.05, true)?;
+        if failure_low > failure_high {
+            return Err(c.err(
+                "retry.failure_low",
+                format!("must be <= retry.failure_high ({failure_high}) (got {failure_low})"),
+            ));
+        }
         let retry = RetryConfig {
-            max_attempts: to_u32(c.int("retry.max_attempts", rt.max_attempts, 5, 1, 1000)?),
+            max_attempts: to_u32(max_attempts),
             min_interval,
             max_interval,
             max_age: c.secs("retry.max_age", rt.max_age, 5.0 * 86400.0, 0.0)?,
+            min_attempts: to_u32(min_attempts),
+            adapt,
+            workers_high: to_u32(workers_high),
+            workers_low: to_u32(workers_low),
+            failure_high,
+            failure_low,
+            utilization_ref: fraction(&c, "retry.utilization_ref", rt.utilization_ref, 0.5, false)?,
+            stage_weight: fraction(&c, "retry.stage_weight", rt.stage_weight, 0.5, true)?,
         };
 
         // Templates and jobs cross the worker socket in one frame each; stay well inside it.
@@ -864,8 +980,17 @@ sender = "news@example.com"
                 min_interval: Duration::from_secs(60),
                 max_interval: Duration::from_secs(3600),
                 max_age: Duration::from_secs(5 * 86400),
+                min_attempts: 2,
+                adapt: crate::retry::Adapt::default(),
+                workers_high: 6,
+                workers_low: 2,
+                failure_high: 0.2,
+                failure_low: 0.05,
+                utilization_ref: 0.5,
+                stage_weight: 0.5,
             }
         );
+        assert_eq!(c.retry, RetryConfig::default());
         assert_eq!(
             c.limits,
             Limits {
@@ -965,6 +1090,14 @@ max_attempts = 9
 min_interval = 1
 max_interval = 2
 max_age = 3600
+min_attempts = 3
+adapt = ["workers", "failure_rate", "stage", "utilization"]
+workers_high = 3
+workers_low = 1
+failure_high = 0.5
+failure_low = 0
+utilization_ref = 0.8
+stage_weight = 0.25
 [limits]
 template_max_bytes = 1000
 field_max_bytes = 100
@@ -1006,6 +1139,30 @@ sender = "n@example.com"
             (1500, 250, 7000)
         );
         assert_eq!(c.retry.max_attempts, 9);
+        let p = c.retry.policy();
+        assert_eq!(
+            (
+                p.min_attempts,
+                p.max_attempts,
+                p.workers_high,
+                p.workers_low
+            ),
+            (3, 9, 3, 1)
+        );
+        assert_eq!(
+            (
+                p.failure_high,
+                p.failure_low,
+                p.utilization_ref,
+                p.stage_weight
+            ),
+            (0.5, 0.0, 0.8, 0.25)
+        );
+        assert_eq!(
+            p.adapt.names(),
+            vec!["workers", "failure_rate", "stage", "utilization"]
+        );
+        assert_eq!(p.max_age_s, 3600.0);
         assert_eq!(c.limits.field_max_bytes, 100);
         assert_eq!(c.campaigns.len(), 2);
         // The password never shows in Debug output.
@@ -1129,6 +1286,50 @@ sender = "n@example.com"
                 "key `retry.max_attempts`: must be an integer from 1 to 1000 (got 0)",
             ),
             (
+                format!("{MINIMAL}[retry]\nmax_attempts = 3\nmin_attempts = 4\n"),
+                "key `retry.min_attempts`: must be an integer from 1 to 3 (got 4)",
+            ),
+            (
+                format!("{MINIMAL}[retry]\nmin_attempts = 0\n"),
+                "key `retry.min_attempts`: must be an integer from 1 to 5 (got 0)",
+            ),
+            (
+                format!("{MINIMAL}[retry]\nadapt = [\"workers\", \"load\"]\n"),
+                "key `retry.adapt`: unknown input \"load\"; use any of \"workers\", \"failure_rate\", \"stage\", \"utilization\" (or [] for a fixed limit)",
+            ),
+            (
+                format!("{MINIMAL}[retry]\nadapt = \"workers\"\n"),
+                "line 11: key `retry.adapt`: invalid type: string \"workers\", expected a sequence",
+            ),
+            (
+                format!("{MINIMAL}[retry]\nadaptive = [\"workers\"]\n"),
+                "line 11: unknown key `retry.adaptive` (did you mean `retry.adapt`?)",
+            ),
+            (
+                format!("{MINIMAL}[retry]\nworkers_high = 2\nworkers_low = 3\n"),
+                "key `retry.workers_low`: must be <= retry.workers_high (2) (got 3)",
+            ),
+            (
+                format!("{MINIMAL}[retry]\nworkers_high = -1\n"),
+                "key `retry.workers_high`: must be an integer >= 0 (got -1)",
+            ),
+            (
+                format!("{MINIMAL}[retry]\nfailure_high = 1.5\n"),
+                "key `retry.failure_high`: must be a number with 0 <= x <= 1 (got 1.5)",
+            ),
+            (
+                format!("{MINIMAL}[retry]\nfailure_high = 0.1\nfailure_low = 0.3\n"),
+                "key `retry.failure_low`: must be <= retry.failure_high (0.1) (got 0.3)",
+            ),
+            (
+                format!("{MINIMAL}[retry]\nutilization_ref = 0\n"),
+                "key `retry.utilization_ref`: must be a number with 0 < x <= 1 (got 0)",
+            ),
+            (
+                format!("{MINIMAL}[retry]\nstage_weight = -0.1\n"),
+                "key `retry.stage_weight`: must be a number with 0 <= x <= 1 (got -0.1)",
+            ),
+            (
                 format!("{MINIMAL}[supervisor]\nshutdown_grace = -1\n"),
                 "key `supervisor.shutdown_grace`: must be a number of seconds > 0 and at most 1e9 (got -1)",
             ),
@@ -1179,6 +1380,31 @@ sender = "n@example.com"
                 .unwrap_or_else(|| panic!("names the file: {got}"));
             let got = got.replace(&dir, "D");
             assert!(got.starts_with(want), "\n got: {got}\nwant: {want}");
+        }
+    }
+
+    /// `[retry]` defaults that depend on other keys: the worker thresholds follow max_workers,
+    /// min_attempts never exceeds max_attempts.
+    #[test]
+    fn retry_defaults_follow_the_pool_and_max_attempts() {
+        let d = fixture("cfg-retry-defaults");
+        for (extra, high, low, min) in [
+            ("max_workers = 1", 1, 0, 2),
+            ("max_workers = 20", 15, 5, 2),
+            ("max_workers = 3", 3, 0, 2),
+            ("[retry]\nmax_attempts = 1", 6, 2, 1),
+        ] {
+            let text = if extra.starts_with('[') {
+                format!("{MINIMAL}{extra}\n")
+            } else {
+                format!("{extra}\n{MINIMAL}")
+            };
+            let r = parse(&d, &text).unwrap().retry;
+            assert_eq!(
+                (r.workers_high, r.workers_low, r.min_attempts),
+                (high, low, min),
+                "{extra}"
+            );
         }
     }
 

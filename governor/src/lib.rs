@@ -20,6 +20,7 @@ pub mod control;
 pub mod deliverylog;
 pub mod demo;
 pub mod dispatch;
+pub mod retry;
 pub mod run;
 pub mod signals;
 pub mod sink;

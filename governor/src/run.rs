@@ -489,7 +489,7 @@ impl Governor {
                         warn!("worker={slot} pid={pid} connection lost ({why}): killing it");
                     }
                     if state != WorkerState::Draining || why != "socket closed" {
-                        self.sup.kill(inc);
+                        self.sup.abort(inc);
                     }
                 }
             }
@@ -527,7 +527,7 @@ impl Governor {
                 });
                 if let Err(e) = self.sup.send(inc, &welcome) {
                     warn!("worker={slot} pid={pid} cannot send welcome: {e}");
-                    self.sup.kill(inc);
+                    self.sup.abort(inc);
                     return;
                 }
                 if let Some(w) = self.sup.get_mut(inc) {
@@ -725,13 +725,8 @@ impl Governor {
             warn!(
                 "worker incarnation {inc} sent no hello within {HANDSHAKE_TIMEOUT:?}: killing it"
             );
-            // counted as a failure when reaped: state is Starting, not Killed
-            if let Some(w) = self.sup.get(inc) {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(w.pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+            // counted as a failure when reaped: abort keeps the state Starting
+            self.sup.abort(inc);
         }
         let alive = self.sup.count(WorkerState::Ready) + self.sup.count(WorkerState::Starting);
         if alive < self.desired && now >= self.respawn_at {
@@ -832,7 +827,7 @@ impl Governor {
                     .unwrap_or_default();
                 warn!("worker={slot} pid={pid} cannot take a job ({e}): killing it");
                 self.ready.push_front(job);
-                self.sup.kill(inc);
+                self.sup.abort(inc);
                 continue;
             }
             self.pacer.take(1);

@@ -220,10 +220,20 @@ impl Supervisor {
         }
     }
 
-    /// SIGKILLs a worker's whole process group. Its jobs come back when it is reaped.
+    /// SIGKILLs a worker's whole process group as a deliberate decision (scale-down, stop):
+    /// its exit is expected and does not count against the restart intensity. Its jobs come
+    /// back when it is reaped.
     pub fn kill(&mut self, incarnation: u64) {
         if let Some(w) = self.get_mut(incarnation) {
             w.state = WorkerState::Killed;
+        }
+        self.abort(incarnation);
+    }
+
+    /// SIGKILLs a worker that misbehaved (lost socket, garbage frame, stuck write). Its state
+    /// is kept, so its exit counts as a failure for the restart policy.
+    pub fn abort(&mut self, incarnation: u64) {
+        if let Some(w) = self.get_mut(incarnation) {
             let pid = Pid::from_raw(w.pid as i32);
             if killpg(pid, Signal::SIGKILL).is_err() {
                 let _ = w.child.kill();
