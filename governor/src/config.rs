@@ -19,7 +19,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use protocol::{Auth, Relay, Timeouts, TlsMode};
+use protocol::{Auth, Dkim, DkimAlgorithm, Relay, Timeouts, TlsMode};
 use serde::Deserialize;
 
 /// File descriptors the governor keeps for itself (spool, logs, signals, listeners) on top of
@@ -66,6 +66,9 @@ pub struct Config {
     pub limits: Limits,
     /// The campaigns to deliver (at least one).
     pub campaigns: Vec<CampaignConfig>,
+    /// DKIM signing of every message (`[dkim]`), with the key read at start-up. `Debug`
+    /// never shows the key.
+    pub dkim: Option<Dkim>,
 }
 
 /// `[supervisor]`: OTP-style restart intensity and shutdown policy.
@@ -249,6 +252,16 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     campaign: Vec<RawCampaign>,
+    dkim: Option<RawDkim>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDkim {
+    domain: Option<String>,
+    selector: Option<String>,
+    key_file: Option<PathBuf>,
+    algorithm: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -652,7 +665,7 @@ impl Config {
         let workers_high = c.int(
             "retry.workers_high",
             rt.workers_high,
-            (max_workers * 3).div_ceil(4),
+            (max_workers * 3 + 3) / 4,
             0,
             u32::MAX as i64,
         )?;
@@ -777,6 +790,11 @@ impl Config {
             });
         }
 
+        let dkim = match raw.dkim {
+            None => None,
+            Some(d) => Some(dkim_config(&c, d)?),
+        };
+
         Ok(Config {
             spool: c.resolve(&raw.spool.unwrap_or_else(|| PathBuf::from("var/spool.db"))),
             log_dir: c.resolve(&raw.log_dir.unwrap_or_else(|| PathBuf::from("var/log"))),
@@ -791,6 +809,7 @@ impl Config {
             retry,
             limits,
             campaigns,
+            dkim,
             path,
         })
     }
@@ -813,8 +832,78 @@ impl Config {
         diff(self.retry != new.retry, "retry");
         diff(self.limits != new.limits, "limits");
         diff(self.campaigns != new.campaigns, "campaign");
+        diff(self.dkim != new.dkim, "dkim");
         v
     }
+}
+
+/// `[dkim]`: every key checked, the key file read and parsed now so a bad key stops the
+/// governor at start-up with a message naming the file, never a worker later. The key's
+/// contents never appear in an error.
+fn dkim_config(c: &Check, d: RawDkim) -> Result<Dkim, ConfigError> {
+    let required = |key: &str, v: Option<String>, example: &str| match v {
+        Some(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+        _ => Err(c.err(key, format!("required when [dkim] is present, e.g. `{example}`"))),
+    };
+    let domain = required("dkim.domain", d.domain, "domain = \"example.com\"")?;
+    if !domain
+        .split('.')
+        .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    {
+        return Err(c.err(
+            "dkim.domain",
+            format!("must be a domain name in ASCII (A-labels for IDN) (got {domain:?})"),
+        ));
+    }
+    let selector = required("dkim.selector", d.selector, "selector = \"s2024\"")?;
+    if !selector
+        .split('.')
+        .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+    {
+        return Err(c.err(
+            "dkim.selector",
+            format!("must be letters, digits, `-`, `_` and dots (got {selector:?})"),
+        ));
+    }
+    let algorithm = match d.algorithm.as_deref().unwrap_or("rsa-sha256") {
+        "rsa-sha256" => DkimAlgorithm::RsaSha256,
+        "ed25519" | "ed25519-sha256" => DkimAlgorithm::Ed25519Sha256,
+        other => {
+            return Err(c.err(
+                "dkim.algorithm",
+                format!("must be one of \"rsa-sha256\", \"ed25519\" (got {other:?})"),
+            ));
+        }
+    };
+    let Some(key_file) = d.key_file else {
+        return Err(c.err(
+            "dkim.key_file",
+            "required when [dkim] is present: the PEM private key, e.g. `key_file = \"dkim.pem\"`",
+        ));
+    };
+    let p = c.resolve(&key_file);
+    let len = c.readable("dkim.key_file", &p)?;
+    if len > 64 * 1024 {
+        return Err(c.err(
+            "dkim.key_file",
+            format!("{} is {len} bytes, too large for a PEM private key", p.display()),
+        ));
+    }
+    let private_key_pem = std::fs::read_to_string(&p).map_err(|e| {
+        c.err(
+            "dkim.key_file",
+            format!("cannot read {}: {}", p.display(), io_reason(&e)),
+        )
+    })?;
+    let dkim = Dkim {
+        domain,
+        selector,
+        algorithm,
+        private_key_pem,
+    };
+    mta_worker::dkim::Signer::new(&dkim)
+        .map_err(|e| c.err("dkim.key_file", format!("{}: {e}", p.display())))?;
+    Ok(dkim)
 }
 
 /// The soft `RLIMIT_NOFILE` of this process (u64::MAX when unlimited or unknown).
@@ -1302,8 +1391,8 @@ sender = "n@example.com"
                 "line 11: key `retry.adapt`: invalid type: string \"workers\", expected a sequence",
             ),
             (
-                format!("{MINIMAL}[retry]\nadaptive = [\"workers\"]\n"),
-                "line 11: unknown key `retry.adaptive` (did you mean `retry.adapt`?)",
+                format!("{MINIMAL}[retry]\nadpat = [\"workers\"]\n"),
+                "line 11: unknown key `retry.adpat` (did you mean `retry.adapt`?)",
             ),
             (
                 format!("{MINIMAL}[retry]\nworkers_high = 2\nworkers_low = 3\n"),
@@ -1424,6 +1513,77 @@ sender = "n@example.com"
         std::fs::write(&p, MINIMAL).unwrap();
         let c = Config::load(&p).unwrap();
         assert_eq!(c.campaigns[0].recipients, d.0.join("r.csv"));
+    }
+
+    /// `[dkim]`: the key is read and parsed at start-up, errors name the key file, and the key
+    /// never shows in Debug output or an error.
+    #[test]
+    fn dkim_section() {
+        // RFC 8410's example Ed25519 key, PKCS#8.
+        const ED25519: &str = "-----BEGIN PRIVATE KEY-----\n\
+            MC4CAQAwBQYDK2VwBCIEINTuctv5E1hK1bbY8fdp+K06/nwoy/HU++CXqI9EdVhC\n\
+            -----END PRIVATE KEY-----\n";
+        let d = fixture("cfg-dkim");
+        std::fs::write(d.0.join("dkim.pem"), ED25519).unwrap();
+        assert_eq!(parse(&d, MINIMAL).unwrap().dkim, None);
+        let text = format!(
+            "{MINIMAL}\n[dkim]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"dkim.pem\"\nalgorithm = \"ed25519\"\n"
+        );
+        let c = parse(&d, &text).unwrap();
+        assert_eq!(
+            c.dkim,
+            Some(Dkim {
+                domain: "example.com".into(),
+                selector: "s1".into(),
+                algorithm: DkimAlgorithm::Ed25519Sha256,
+                private_key_pem: ED25519.into(),
+            })
+        );
+        assert!(!format!("{c:?}").contains("MC4CAQAw"));
+        let min = parse(&d, MINIMAL).unwrap();
+        assert_eq!(min.restart_required_changes(&c), vec!["dkim"]);
+
+        let file = d.0.join("governor.toml").display().to_string();
+        let dir = d.0.display().to_string();
+        for (from, to, want) in [
+            (
+                "algorithm = \"ed25519\"",
+                "algorithm = \"rsa-sha256\"",
+                "key `dkim.key_file`: D/dkim.pem: DKIM private key for selector \"s1\" of example.com: not an RSA private key",
+            ),
+            (
+                "algorithm = \"ed25519\"",
+                "algorithm = \"dsa\"",
+                "key `dkim.algorithm`: must be one of \"rsa-sha256\", \"ed25519\" (got \"dsa\")",
+            ),
+            (
+                "key_file = \"dkim.pem\"",
+                "key_file = \"nope.pem\"",
+                "key `dkim.key_file`: cannot read D/nope.pem: No such file or directory",
+            ),
+            (
+                "key_file = \"dkim.pem\"",
+                "key_file = \"t.eml\"",
+                "key `dkim.key_file`: D/t.eml: DKIM private key for selector \"s1\" of example.com: not a PEM private key",
+            ),
+            (
+                "selector = \"s1\"\n",
+                "",
+                "key `dkim.selector`: required when [dkim] is present",
+            ),
+            (
+                "domain = \"example.com\"",
+                "domain = \"exa mple.com\"",
+                "key `dkim.domain`: must be a domain name",
+            ),
+        ] {
+            let got = parse(&d, &text.replace(from, to))
+                .expect_err(want)
+                .to_string();
+            let got = got.strip_prefix(&file).unwrap().replace(&dir, "D");
+            assert!(got.starts_with(&format!(": {want}")), "\n got: {got}\nwant: {want}");
+            assert!(!got.contains("MC4CAQAw"), "{got}");
+        }
     }
 
     #[test]

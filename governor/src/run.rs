@@ -166,13 +166,8 @@ impl Jitter {
     }
 }
 
-/// Delay before retry number `attempt + 1`: `min_interval * 2^(attempt-1)`, capped at
-/// `max_interval`, with +-10% jitter so that retries of one burst do not arrive together.
-pub fn retry_delay(cfg: &crate::config::RetryConfig, attempt: u32, jitter01: f64) -> Duration {
-    let base = cfg.min_interval.as_secs_f64() * 2f64.powi(attempt.saturating_sub(1).min(30) as i32);
-    let capped = base.min(cfg.max_interval.as_secs_f64()).max(0.0);
-    Duration::from_secs_f64(capped * (0.9 + 0.2 * jitter01))
-}
+/// Delay before retry number `attempt + 1`; see [`crate::retry::delay`].
+pub use crate::retry::delay as retry_delay;
 
 /// Validates the configured campaigns, ingests their recipients into the spool and returns the
 /// worker-facing specs by campaign id. Errors here are set-up errors: nothing has been sent.
@@ -275,6 +270,7 @@ struct Governor {
     ctl: control::State,
     restart: RestartPolicy,
     jitter: Jitter,
+    retry: crate::retry::Tracker,
     ready: VecDeque<LeasedJob>,
     pending: Vec<Record>,
     desired: usize,
@@ -338,6 +334,7 @@ pub fn run(cfg: Config, opts: RunOptions) -> Result<Summary, RunError> {
         ),
         sup: Supervisor::new(opts.worker.clone(), cfg.log_dir.clone()),
         desired: cfg.min_workers as usize,
+        retry: crate::retry::Tracker::new(cfg.retry.policy()),
         cfg,
         opts,
         spool,
@@ -524,6 +521,7 @@ impl Governor {
                     sessions: self.cfg.sessions,
                     relay: self.cfg.relay.clone(),
                     timeouts: self.cfg.timeouts.clone(),
+                    dkim: self.cfg.dkim.clone(),
                 });
                 if let Err(e) = self.sup.send(inc, &welcome) {
                     warn!("worker={slot} pid={pid} cannot send welcome: {e}");
@@ -579,7 +577,16 @@ impl Governor {
                 } else {
                     "deferred"
                 };
-                if job.attempt >= retry.max_attempts || age >= retry.max_age.as_secs_f64() {
+                // The adaptive limit (retry.rs): the last tick's pool value, with this job's stage.
+                let limit = self.retry.for_job(job.campaign_id, job.attempt, age);
+                if limit.expires(job.attempt) || age >= retry.max_age.as_secs_f64() {
+                    log::debug!(
+                        "job={} attempt={} expired: limit={} ({}) age={age:.0}s",
+                        job.job_id,
+                        job.attempt,
+                        limit.value,
+                        limit.reason()
+                    );
                     (Update::Final(Final::Expired), "expired")
                 } else {
                     let d = retry_delay(retry, job.attempt, self.jitter.next());
@@ -634,6 +641,36 @@ impl Governor {
         if self.pending.len() >= 1000 {
             self.next_flush = Instant::now();
         }
+    }
+
+    /// Recomputes the retry limit from the window just measured (claims 54-59, see
+    /// [`crate::retry`]); on_outcome applies it, with each job's stage, until the next tick.
+    fn retry_tick(&mut self, w: &control::Window) -> crate::retry::Limit {
+        if self.retry.policy.adapt.stage {
+            for &id in self.specs.keys() {
+                if let Ok(c) = self.spool.counts(Some(id)) {
+                    let share = c.finished() as f64 / c.total.max(1) as f64;
+                    self.retry.shares.insert(id, share);
+                }
+            }
+        }
+        let before = self.retry.last.value;
+        let l = self
+            .retry
+            .tick(crate::retry::Inputs {
+                previous: self.retry.last.base,
+                workers: w.avg_workers,
+                failure_rate: w.failure_rate,
+                attempts: w.attempts,
+                utilization: w.utilization,
+                share_done: self.finals as f64 / self.total.max(1) as f64,
+                job: None,
+            })
+            .clone();
+        if l.value != before {
+            info!("retry limit {before} -> {}: {}", l.value, l.reason());
+        }
+        l
     }
 
     /// Returns prefetched jobs that were never sent to the queue in the spool, keeping the
@@ -930,6 +967,7 @@ impl Governor {
             window,
         };
         let d = control::decide(&inputs, &self.ctl);
+        let retry = self.retry_tick(&inputs.window);
         self.backlog_seen = !self.ready.is_empty();
         if d.workers != self.desired {
             info!("control: {}", d.reason);
@@ -961,6 +999,9 @@ impl Governor {
             queue: usize,
             in_flight: usize,
             retry_limit: u32,
+            retry_base: u32,
+            retry_inputs: &'a crate::retry::Inputs,
+            retry_reason: String,
             reason: &'a str,
         }
         let w = &inputs.window;
@@ -988,7 +1029,10 @@ impl Governor {
             required: d.required,
             queue: self.ready.len(),
             in_flight: busy,
-            retry_limit: self.cfg.retry.max_attempts,
+            retry_limit: retry.value,
+            retry_base: retry.base,
+            retry_inputs: &self.retry.inputs,
+            retry_reason: retry.reason(),
             reason: &d.reason,
         };
         if serde_json::to_writer(&mut self.clog, &line).is_ok() {

@@ -6,11 +6,13 @@
 //! - [`render`]: personalisation of a campaign template for one job (merge data is hostile
 //!   input); also used by the governor to check a template at start-up.
 //! - [`session`]: SMTP sessions to the relay (pool, deadlines, TLS, AUTH, dot-stuffing).
+//! - [`dkim`]: DKIM signing of the exact bytes a session sends.
 //! - [`outcome`]: the one mapping from what happened in a session to a job outcome.
 //!
 //! The binary `mta-worker` is only a check that it was started by the governor and a call to
 //! [`run`].
 
+pub mod dkim;
 pub mod outcome;
 pub mod render;
 pub mod session;

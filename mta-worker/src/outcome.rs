@@ -130,8 +130,18 @@ pub enum Event {
         /// The address that needs it.
         address: String,
     },
-    /// The message has 8-bit data and the server does not offer 8BITMIME.
-    EightBitNotOffered,
+    /// The message has 8-bit data, the server does not offer 8BITMIME, and the message cannot
+    /// be made 7-bit clean.
+    EightBitNotOffered {
+        /// Why it cannot be converted.
+        detail: String,
+    },
+    /// The message cannot be sent as it is (a line over 998 octets, DKIM signing failed);
+    /// decided before MAIL, so nothing went on the wire.
+    Unsendable {
+        /// Why.
+        detail: String,
+    },
     /// A local failure unrelated to the message (e.g. the worker has no template for the job).
     Local {
         /// Stage to report.
@@ -311,10 +321,19 @@ pub fn classify(event: &Event) -> Classified {
             ),
             true,
         ),
-        Event::EightBitNotOffered => local(
+        Event::EightBitNotOffered { detail } => local(
             OutcomeKind::Bounced,
             Stage::Mail,
-            "message contains 8-bit data and the server does not offer 8BITMIME".into(),
+            format!(
+                "message contains 8-bit data and the server does not offer 8BITMIME; it cannot \
+                 be converted to 7 bits: {detail}"
+            ),
+            true,
+        ),
+        Event::Unsendable { detail } => local(
+            OutcomeKind::Bounced,
+            Stage::Mail,
+            format!("message not sent: {detail}"),
             true,
         ),
         Event::Local { stage, detail, permanent } => local(
@@ -572,7 +591,19 @@ mod tests {
                 true,
             ),
             (
-                Event::EightBitNotOffered,
+                Event::Unsendable {
+                    detail: "line too long".into(),
+                },
+                Bounced,
+                0,
+                None,
+                Stage::Mail,
+                true,
+            ),
+            (
+                Event::EightBitNotOffered {
+                    detail: "multipart".into(),
+                },
                 Bounced,
                 0,
                 None,
@@ -614,9 +645,11 @@ mod tests {
             "{t}"
         );
         assert!(
-            classify(&Event::EightBitNotOffered)
-                .text
-                .contains("8BITMIME")
+            classify(&Event::EightBitNotOffered {
+                detail: "the multipart body contains 8-bit data".into()
+            })
+            .text
+            .contains("8BITMIME")
         );
     }
 

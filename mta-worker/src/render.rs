@@ -173,6 +173,7 @@ impl Renderer {
                 "content-transfer-encoding",
                 "Content-Transfer-Encoding: quoted-printable",
             );
+            header.ensure_mime_version();
         }
         if !header.has_field("message-id") {
             let id: String = job
@@ -356,6 +357,18 @@ fn check_header_lines(header: &str) -> Result<(), RenderError> {
             }
             continue;
         }
+        // F3: a header line cannot be re-encoded; it must fit the RFC 5322 limit as written
+        // (lines holding placeholders are folded when rendered).
+        if line.len() > MAX_LINE && !line.contains("{{") {
+            return Err(RenderError::Template {
+                line: line_no,
+                message: format!(
+                    "header line is {} octets long, more than the 998 allowed; fold it onto \
+                     continuation lines starting with a space",
+                    line.len()
+                ),
+            });
+        }
         // A line that is only template logic (`{% if x %}...`) is checked after rendering.
         if line.starts_with("{%") || line.starts_with("{#") {
             continue;
@@ -484,6 +497,14 @@ impl Header {
                 self.fields.push(line.to_string());
                 self.trailing_crlf = true;
             }
+        }
+    }
+
+    /// A Content-Transfer-Encoding only means something in a MIME message (RFC 2045 4).
+    fn ensure_mime_version(&mut self) {
+        if !self.has_field("mime-version") {
+            self.fields.push("MIME-Version: 1.0".into());
+            self.trailing_crlf = true;
         }
     }
 
@@ -934,6 +955,131 @@ pub fn parse_address(input: &str) -> Result<Address, RenderError> {
         domain,
         utf8_local: !local.is_ascii(),
     })
+}
+
+/// Header fields whose value is unstructured text (RFC 5322 3.6.5, RFC 2045 8) and may carry
+/// RFC 2047 encoded-words.
+const UNSTRUCTURED_HEADERS: [&str; 4] = ["subject", "comments", "content-description", "keywords"];
+
+/// The 7-bit-clean form of a rendered message, for a server that does not offer 8BITMIME
+/// (F4): 8-bit header text becomes RFC 2047 encoded-words (unstructured fields and display
+/// names) and an 8-bit single-part text body becomes quoted-printable. Anything that cannot
+/// be converted without changing its meaning (a multipart body, a non-text body, a non-ASCII
+/// address, 8-bit data in another structured field) is an error naming what to fix.
+///
+/// `msg` is a message as [`Renderer::render`] makes it: CRLF line endings.
+pub fn seven_bit(msg: &[u8]) -> Result<Vec<u8>, String> {
+    if msg.is_ascii() {
+        return Ok(msg.to_vec());
+    }
+    let (head, body) = if let Some(b) = msg.strip_prefix(b"\r\n") {
+        (&msg[..0], Some(b))
+    } else {
+        match msg.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(i) => (&msg[..i + 2], Some(&msg[i + 4..])),
+            None => (msg, None),
+        }
+    };
+    let head = std::str::from_utf8(head)
+        .map_err(|_| "a header field contains 8-bit data that is not UTF-8".to_string())?;
+    let trailing_crlf = head.ends_with("\r\n");
+    let mut fields: Vec<String> = Vec::new();
+    for line in head.strip_suffix("\r\n").unwrap_or(head).split("\r\n") {
+        match fields.last_mut() {
+            Some(last) if line.starts_with([' ', '\t']) => {
+                last.push_str("\r\n");
+                last.push_str(line);
+            }
+            _ if line.is_empty() => {}
+            _ => fields.push(line.to_string()),
+        }
+    }
+    let mut header = Header {
+        fields: Vec::with_capacity(fields.len() + 3),
+        trailing_crlf,
+    };
+    for field in fields {
+        if field.is_ascii() {
+            header.fields.push(field);
+            continue;
+        }
+        let colon = field.find(':').unwrap_or(0);
+        let name = &field[..colon];
+        let lname = name.trim_end().to_ascii_lowercase();
+        let value: Vec<(char, bool)> = field[colon + 1..]
+            .replace("\r\n", "")
+            .chars()
+            .map(|c| (c, false))
+            .collect();
+        let cannot = || {
+            format!(
+                "the {} header field contains 8-bit text that cannot be made 7-bit clean for a \
+                 server without 8BITMIME",
+                name.trim()
+            )
+        };
+        let emitted = if ADDRESS_HEADERS.contains(&lname.as_str()) {
+            emit_address_header(name, &value).map_err(|e| format!("{}: {e}", cannot()))?
+        } else if UNSTRUCTURED_HEADERS.contains(&lname.as_str()) || lname.starts_with("x-") {
+            emit_unstructured(name, &value)
+        } else {
+            return Err(cannot());
+        };
+        if !emitted.is_ascii() {
+            // e.g. an address with a non-ASCII local part: that needs SMTPUTF8, not MIME.
+            return Err(cannot());
+        }
+        header.fields.push(emitted);
+    }
+    let mut body = body.map(<[u8]>::to_vec);
+    if let Some(b) = body.as_mut().filter(|b| !b.is_ascii()) {
+        if header.content_type_multipart() {
+            return Err("the multipart body contains 8-bit data and the server does not offer \
+                        8BITMIME; encode its parts (quoted-printable or base64) in the template"
+                .into());
+        }
+        if let Some(ct) = header.value_of("content-type")
+            && !ct.to_ascii_lowercase().starts_with("text/")
+        {
+            return Err(format!(
+                "the {} body contains 8-bit data and the server does not offer 8BITMIME; \
+                 base64-encode it in the template",
+                ct.split(';').next().unwrap_or("").trim()
+            ));
+        }
+        match header.content_transfer_encoding().as_deref() {
+            None | Some("7bit") | Some("8bit") | Some("binary") => {}
+            Some(other) => {
+                return Err(format!(
+                    "the body is declared {other} but contains 8-bit data; fix the template"
+                ));
+            }
+        }
+        if !header.has_field("content-type") {
+            if std::str::from_utf8(b).is_err() {
+                return Err("the body contains 8-bit data that is not UTF-8 and has no \
+                            Content-Type charset; the server does not offer 8BITMIME"
+                    .into());
+            }
+            header
+                .fields
+                .push("Content-Type: text/plain; charset=utf-8".into());
+            header.trailing_crlf = true;
+        }
+        *b = quoted_printable(b);
+        header.set_field(
+            "content-transfer-encoding",
+            "Content-Transfer-Encoding: quoted-printable",
+        );
+        header.ensure_mime_version();
+    }
+    let mut out = header.emit();
+    if let Some(b) = body {
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&b);
+    }
+    debug_assert!(out.is_ascii());
+    Ok(out)
 }
 
 /// Quoted-printable (RFC 2045 6.7) of a CRLF body: hard line breaks kept, lines at most 76.

@@ -12,6 +12,11 @@
 //! or an I/O error it is closed (F10). The message is dot-stuffed here, exactly once
 //! ([`dot_stuff`]), instead of by mail-send's `data()`, whose framing appends an extra CRLF to
 //! a message that already ends in one (the receiver would store one more empty line).
+//!
+//! What is sent depends on the server: a message with 8-bit data goes to a server without
+//! 8BITMIME in its 7-bit form ([`crate::render::seven_bit`], F4) or not at all. The chosen
+//! bytes are then normalised to CRLF, checked against the 998-octet line limit (F3), and
+//! DKIM-signed ([`crate::dkim`]): the signature covers exactly the bytes on the wire.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,8 +32,9 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
 
+use crate::dkim::Signer;
 use crate::outcome::{Classified, Event, Reply, classify};
-use crate::render::Rendered;
+use crate::render::{Rendered, seven_bit};
 
 /// A byte stream that is either plain TCP or TLS.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -67,6 +73,7 @@ pub struct Pool {
     tls: Option<TlsConnector>,
     permits: Semaphore,
     slots: Mutex<Vec<Slot>>,
+    dkim: Option<Signer>,
 }
 
 fn ms(v: u32) -> Duration {
@@ -91,7 +98,14 @@ impl Pool {
                     .map(|index| Slot { index, conn: None })
                     .collect(),
             ),
+            dkim: None,
         })
+    }
+
+    /// Signs every message with `signer` from now on.
+    pub fn with_dkim(mut self, signer: Signer) -> Pool {
+        self.dkim = Some(signer);
+        self
     }
 
     /// Delivers one rendered message from `sender` (empty for `<>`).
@@ -116,7 +130,9 @@ impl Pool {
             // A refusal decided before MAIL was sent leaves no transaction to reset.
             let no_transaction = matches!(
                 event,
-                Event::Smtputf8NotOffered { .. } | Event::EightBitNotOffered
+                Event::Smtputf8NotOffered { .. }
+                    | Event::EightBitNotOffered { .. }
+                    | Event::Unsendable { .. }
             );
             conn.needs_rset = outcome.kind != protocol::OutcomeKind::Delivered && !no_transaction;
             conn.last_used = Instant::now();
@@ -431,11 +447,12 @@ impl Pool {
                 address: msg.envelope_to.clone(),
             });
         }
-        if msg.eight_bit && !eight_bit_mime && !msg.needs_smtputf8 {
-            return Err(Event::EightBitNotOffered);
-        }
+        // Everything that can refuse the message is decided before MAIL: nothing malformed
+        // ever reaches the wire and no transaction is left to reset.
+        let wire = self.prepare(msg, eight_bit_mime)?;
+        let eight_bit = wire.iter().any(|&b| b >= 0x80);
         let mut mail = format!("MAIL FROM:<{sender}>");
-        if msg.eight_bit && eight_bit_mime {
+        if eight_bit && eight_bit_mime {
             mail.push_str(" BODY=8BITMIME");
         }
         if msg.needs_smtputf8 {
@@ -486,7 +503,6 @@ impl Pool {
                 reply: Reply::from_response(&r),
             });
         }
-        let wire = dot_stuff(&msg.bytes);
         let write = async {
             c.client.stream.write_all(&wire).await?;
             c.client.stream.flush().await
@@ -510,6 +526,46 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// The exact DATA bytes for this server: 7-bit form if needed, CRLF, line limit checked,
+    /// DKIM-signed, dot-stuffed and terminated.
+    fn prepare(&self, msg: &Rendered, eight_bit_mime: bool) -> Result<Vec<u8>, Event> {
+        // With SMTPUTF8 (checked by the caller) the message may carry UTF-8 as it is.
+        let content = if msg.eight_bit && !eight_bit_mime && !msg.needs_smtputf8 {
+            let converted =
+                seven_bit(&msg.bytes).map_err(|detail| Event::EightBitNotOffered { detail })?;
+            normalize_line_endings(&converted)
+        } else {
+            normalize_line_endings(&msg.bytes)
+        };
+        if let Some(len) = content
+            .split(|&b| b == b'\n')
+            .map(|l| l.len().saturating_sub(1))
+            .find(|&l| l > MAX_LINE)
+        {
+            return Err(Event::Unsendable {
+                detail: format!(
+                    "the message has a line of {len} octets, more than the 998 SMTP allows"
+                ),
+            });
+        }
+        let signed = match &self.dkim {
+            None => content,
+            Some(signer) => {
+                let mut out = signer.sign(&content).map_err(|e| Event::Unsendable {
+                    detail: e.to_string(),
+                })?;
+                out.extend_from_slice(&content);
+                out
+            }
+        };
+        Ok(dot_stuff(&signed))
+    }
+}
+
+/// RFC 5321 4.5.3.1.6: a text line is at most 998 octets plus CRLF.
+const MAX_LINE: usize = 998;
+
 /// Awaits a mail-send call under a deadline, mapping failures to events of `stage`.
 async fn call<T>(
     stage: Stage,
@@ -523,36 +579,41 @@ async fn call<T>(
     }
 }
 
-/// Frames a message for DATA: every line starting with `.` gets one more `.` (RFC 5321
-/// 4.5.2), line endings are CRLF (a bare CR or LF becomes CRLF, so a `.` after a bare LF can
-/// never end DATA early, F2), and the terminating `.` CRLF follows. A message that already
-/// ends in CRLF gets no extra empty line.
-pub fn dot_stuff(msg: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(msg.len() + msg.len() / 64 + 5);
-    let mut at_line_start = true;
+/// Line endings as SMTP requires them (F2): CRLF, CR and LF each become one CRLF (so
+/// normalising is idempotent and a `.` after a bare LF is a line of its own), and a message
+/// that does not end in a line break gets one. These are the bytes the receiver stores.
+pub fn normalize_line_endings(msg: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(msg.len() + msg.len() / 64 + 2);
     let mut i = 0;
     while i < msg.len() {
-        let b = msg[i];
-        match b {
+        match msg[i] {
             b'\r' | b'\n' => {
                 out.extend_from_slice(b"\r\n");
-                if b == b'\r' && msg.get(i + 1) == Some(&b'\n') {
+                if msg[i] == b'\r' && msg.get(i + 1) == Some(&b'\n') {
                     i += 1;
                 }
-                at_line_start = true;
             }
-            _ => {
-                if at_line_start && b == b'.' {
-                    out.push(b'.');
-                }
-                out.push(b);
-                at_line_start = false;
-            }
+            b => out.push(b),
         }
         i += 1;
     }
-    if !at_line_start {
+    if !out.is_empty() && !out.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Frames a message for DATA: line endings normalised ([`normalize_line_endings`]), every
+/// line starting with `.` gets one more `.` (RFC 5321 4.5.2, done exactly once), and the
+/// terminating `.` CRLF follows. A message that already ends in CRLF gets no extra empty line.
+pub fn dot_stuff(msg: &[u8]) -> Vec<u8> {
+    let msg = normalize_line_endings(msg);
+    let mut out = Vec::with_capacity(msg.len() + msg.len() / 64 + 3);
+    for line in msg.split_inclusive(|&b| b == b'\n') {
+        if line.first() == Some(&b'.') {
+            out.push(b'.');
+        }
+        out.extend_from_slice(line);
     }
     out.extend_from_slice(b".\r\n");
     out

@@ -24,6 +24,7 @@ use protocol::{
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::dkim::Signer;
 use crate::outcome::{Event, classify};
 use crate::render::Renderer;
 use crate::session::Pool;
@@ -126,14 +127,24 @@ async fn main_loop(
     mut input: mpsc::UnboundedReceiver<Result<ToWorker, FrameError>>,
     output: mpsc::UnboundedSender<ToGovernor>,
 ) -> anyhow::Result<Exit> {
-    let pool = Arc::new(
-        Pool::new(
-            welcome.relay.clone(),
-            welcome.timeouts.clone(),
-            welcome.sessions,
-        )
-        .context("while preparing the SMTP session pool")?,
-    );
+    let mut pool = Pool::new(
+        welcome.relay.clone(),
+        welcome.timeouts.clone(),
+        welcome.sessions,
+    )
+    .context("while preparing the SMTP session pool")?;
+    if let Some(dkim) = &welcome.dkim {
+        // The governor checked the key at start-up; this fails only if it changed shape since.
+        let signer = Signer::new(dkim).context("while loading the DKIM key")?;
+        log::info!(
+            "dkim signing domain={} selector={} algorithm={:?}",
+            signer.domain(),
+            signer.selector(),
+            dkim.algorithm
+        );
+        pool = pool.with_dkim(signer);
+    }
+    let pool = Arc::new(pool);
     let mut campaigns: HashMap<u64, Arc<Campaign>> = HashMap::new();
     let mut tasks = JoinSet::new();
     let mut draining = false;

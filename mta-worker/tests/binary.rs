@@ -126,6 +126,7 @@ fn welcome(port: u16, log_path: &str) -> Welcome {
             final_dot_ms: 2000,
             ..Timeouts::default()
         },
+        dkim: None,
     }
 }
 

@@ -9,7 +9,7 @@
 //!
 //! The conversation:
 //! 1. worker -> governor: [`ToGovernor::Hello`] with [`PROTOCOL_VERSION`] and its pid.
-//! 2. governor -> worker: [`ToWorker::Welcome`] (slot, log file, relay settings) or
+//! 2. governor -> worker: [`ToWorker::Welcome`] (slot, log file, relay and DKIM settings) or
 //!    [`ToWorker::Reject`] when the versions differ (the worker then exits non-zero).
 //! 3. governor -> worker: [`ToWorker::Campaign`] once per campaign before the first job of it.
 //! 4. governor -> worker: [`ToWorker::Job`], at most `sessions` outstanding; the worker answers
@@ -31,7 +31,7 @@ pub use frame::{
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol. Bump it whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The file descriptor on which a worker finds its end of the IPC socketpair.
 pub const WORKER_FD: i32 = 3;
@@ -69,6 +69,42 @@ pub struct Welcome {
     pub relay: Relay,
     /// Per-stage network deadlines.
     pub timeouts: Timeouts,
+    /// DKIM signing of every message, if configured (added in protocol version 2).
+    pub dkim: Option<Dkim>,
+}
+
+/// DKIM signing settings (RFC 6376), relaxed/relaxed canonicalization.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dkim {
+    /// Signing domain (`d=`).
+    pub domain: String,
+    /// Selector (`s=`): the public key is published at `<selector>._domainkey.<domain>`.
+    pub selector: String,
+    /// Signature algorithm.
+    pub algorithm: DkimAlgorithm,
+    /// The private key, PEM (PKCS#8, or PKCS#1 for RSA). A secret: never logged; `Debug`
+    /// hides it.
+    pub private_key_pem: String,
+}
+
+impl std::fmt::Debug for Dkim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dkim")
+            .field("domain", &self.domain)
+            .field("selector", &self.selector)
+            .field("algorithm", &self.algorithm)
+            .field("private_key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+/// DKIM signature algorithm (`a=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DkimAlgorithm {
+    /// `rsa-sha256` (RFC 6376).
+    RsaSha256,
+    /// `ed25519-sha256` (RFC 8463).
+    Ed25519Sha256,
 }
 
 /// How the worker reaches the next hop.

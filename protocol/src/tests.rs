@@ -145,11 +145,7 @@ fn auth_debug_never_shows_the_password() {
     assert!(!format!("{a:?}").contains("hunter2"));
 }
 
-/// Frames written by protocol version 1. If this fails, the change broke compatibility:
-/// bump [`PROTOCOL_VERSION`] and add a new fixture instead of editing this one.
-#[test]
-fn v1_fixture_still_decodes() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1-frames.bin");
+fn expected_frames(dkim: Option<Dkim>) -> (Vec<ToWorker>, Vec<ToGovernor>) {
     let expect_worker = vec![
         ToWorker::Welcome(Welcome {
             slot: 3,
@@ -168,6 +164,7 @@ fn v1_fixture_still_decodes() {
                 insecure_skip_verify: false,
             },
             timeouts: Timeouts::default(),
+            dkim,
         }),
         ToWorker::Campaign(CampaignSpec {
             campaign_id: 1,
@@ -190,6 +187,26 @@ fn v1_fixture_still_decodes() {
             reason: "boom".into(),
         },
     ];
+    (expect_worker, expect_gov)
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Frames written by protocol version 2. If this fails, the change broke compatibility:
+/// bump [`PROTOCOL_VERSION`] and add a new fixture instead of editing this one.
+#[test]
+fn v2_fixture_still_decodes() {
+    let path = fixture("v2-frames.bin");
+    let (expect_worker, expect_gov) = expected_frames(Some(Dkim {
+        domain: "example.com".into(),
+        selector: "s1".into(),
+        algorithm: DkimAlgorithm::Ed25519Sha256,
+        private_key_pem: "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n".into(),
+    }));
     if std::env::var_os("PROTOCOL_WRITE_FIXTURE").is_some() {
         let mut out = Vec::new();
         for m in &expect_worker {
@@ -198,11 +215,11 @@ fn v1_fixture_still_decodes() {
         for m in &expect_gov {
             write_frame(&mut out, m).unwrap();
         }
-        std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
-        std::fs::write(path, out).unwrap();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, out).unwrap();
     }
     let bytes =
-        std::fs::read(path).expect("fixture missing: run once with PROTOCOL_WRITE_FIXTURE=1");
+        std::fs::read(&path).expect("fixture missing: run once with PROTOCOL_WRITE_FIXTURE=1");
     let mut r = &bytes[..];
     for m in expect_worker {
         assert_eq!(read_frame::<_, ToWorker>(&mut r).unwrap(), m);
@@ -211,4 +228,38 @@ fn v1_fixture_still_decodes() {
         assert_eq!(read_frame::<_, ToGovernor>(&mut r).unwrap(), m);
     }
     assert!(r.is_empty());
+}
+
+/// Version 2 only appended `Welcome::dkim`: every other frame written by version 1 must still
+/// decode, and the v1 Welcome must fail to decode (so the version handshake, not a silent
+/// misreading, is what separates the two).
+#[test]
+fn v1_fixture_frames_other_than_welcome_still_decode() {
+    let bytes = std::fs::read(fixture("v1-frames.bin")).unwrap();
+    let (expect_worker, expect_gov) = expected_frames(None);
+    let mut r = &bytes[..];
+    assert!(read_frame::<_, ToWorker>(&mut r).is_err(), "v1 Welcome decoded as v2");
+    // Skip the rest of the v1 Welcome frame by its length prefix.
+    let mut r = &bytes[..];
+    let len = u32::from_be_bytes([r[0], r[1], r[2], r[3]]) as usize;
+    r = &r[4 + len..];
+    for m in expect_worker.into_iter().skip(1) {
+        assert_eq!(read_frame::<_, ToWorker>(&mut r).unwrap(), m);
+    }
+    for m in expect_gov {
+        assert_eq!(read_frame::<_, ToGovernor>(&mut r).unwrap(), m);
+    }
+    assert!(r.is_empty());
+}
+
+#[test]
+fn dkim_debug_never_shows_the_key() {
+    let d = Dkim {
+        domain: "example.com".into(),
+        selector: "s1".into(),
+        algorithm: DkimAlgorithm::RsaSha256,
+        private_key_pem: "-----BEGIN PRIVATE KEY-----SECRETKEY".into(),
+    };
+    let s = format!("{d:?}");
+    assert!(!s.contains("SECRETKEY") && s.contains("redacted"), "{s}");
 }

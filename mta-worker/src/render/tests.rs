@@ -483,7 +483,7 @@ fn long_body_line_without_cte_gets_one() {
     let m = text(&r);
     assert_eq!(
         header_names(&m),
-        ["subject", "content-transfer-encoding", "message-id"]
+        ["subject", "content-transfer-encoding", "mime-version", "message-id"]
     );
     assert_wire_clean(&r.bytes);
 }
