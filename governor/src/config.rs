@@ -32,7 +32,23 @@ pub const RELOADABLE_KEYS: &[&str] = &[
     "min_workers",
     "max_workers",
     "control_interval",
+    "control",
+    "schedule",
+    "deadline",
 ];
+
+/// When the control loop decides (claim 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlMode {
+    /// Every `control_interval`.
+    Periodic,
+    /// On every batch of outcomes, at most every [`CONTINUOUS_MIN_GAP`].
+    Continuous,
+}
+
+/// Shortest time between two decisions in continuous mode.
+pub const CONTINUOUS_MIN_GAP: Duration = Duration::from_millis(100);
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +70,10 @@ pub struct Config {
     pub sessions: u32,
     /// Control loop period (>= 50 ms).
     pub control_interval: Duration,
+    /// Periodic or continuous control.
+    pub control: ControlMode,
+    /// The target rate over time (constant `target_rate`, `[[schedule]]` or `[deadline]`).
+    pub target: crate::target::Target,
     /// Worker supervision policy.
     pub supervisor: SupervisorConfig,
     /// The relay every worker delivers to.
@@ -82,6 +102,20 @@ pub struct SupervisorConfig {
     pub restart_backoff_max: Duration,
     /// How long a worker asked to stop may take before its process group is killed.
     pub shutdown_grace: Duration,
+    /// The unprivileged user workers run as when the governor runs as root (`worker_user`).
+    pub worker_user: Option<WorkerUser>,
+}
+
+/// A user account looked up when the config is loaded, so the fork/exec path only has to call
+/// `setgroups`/`setgid`/`setuid` with plain numbers (async-signal-safe).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerUser {
+    /// The account name as configured.
+    pub name: String,
+    /// Its uid.
+    pub uid: u32,
+    /// Its primary gid.
+    pub gid: u32,
 }
 
 /// `[retry]`: how often and how long a deferred job is retried, and how the retry limit adapts
@@ -240,6 +274,10 @@ struct RawConfig {
     max_workers: Option<i64>,
     sessions: Option<i64>,
     control_interval: Option<f64>,
+    control: Option<String>,
+    #[serde(default)]
+    schedule: Vec<RawPoint>,
+    deadline: Option<RawDeadline>,
     #[serde(default)]
     supervisor: RawSupervisor,
     #[serde(default)]
@@ -271,6 +309,7 @@ struct RawSupervisor {
     restart_period: Option<f64>,
     restart_backoff_max: Option<f64>,
     shutdown_grace: Option<f64>,
+    worker_user: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -321,6 +360,79 @@ struct RawRetry {
 struct RawLimits {
     template_max_bytes: Option<i64>,
     field_max_bytes: Option<i64>,
+}
+
+/// A time in the config: seconds after the start of the run, or a TOML datetime with an offset.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawWhen {
+    Secs(f64),
+    Date(toml::value::Datetime),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPoint {
+    at: Option<RawWhen>,
+    rate: Option<f64>,
+    ramp: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeadline {
+    at: Option<RawWhen>,
+    floor: Option<f64>,
+    ceiling: Option<f64>,
+}
+
+fn when(c: &Check, key: &str, v: Option<RawWhen>) -> Result<crate::target::When, ConfigError> {
+    use crate::target::When;
+    match v {
+        None => Err(c.err(
+            key,
+            "required: seconds after the start of the run (e.g. `at = 3600`) or a date and time with an offset (e.g. `at = 2025-06-01T18:00:00+02:00`)",
+        )),
+        Some(RawWhen::Secs(s)) if s.is_finite() && (0.0..=MAX_SECS).contains(&s) => {
+            Ok(When::Offset(s))
+        }
+        Some(RawWhen::Secs(s)) => Err(c.err(
+            key,
+            format!("must be a number of seconds from 0 to {MAX_SECS:e} after the start (got {s})"),
+        )),
+        Some(RawWhen::Date(d)) => {
+            let (Some(date), Some(time), Some(offset)) = (d.date, d.time, d.offset) else {
+                return Err(c.err(
+                    key,
+                    format!("{d} needs a date, a time and a UTC offset, e.g. 2025-06-01T18:00:00+02:00 or 2025-06-01T16:00:00Z"),
+                ));
+            };
+            let off_min = match offset {
+                toml::value::Offset::Z => 0i64,
+                toml::value::Offset::Custom { minutes } => i64::from(minutes),
+            };
+            let secs = f64::from(time.second.unwrap_or(0))
+                + f64::from(time.nanosecond.unwrap_or(0)) * 1e-9;
+            let t = crate::target::unix_from_civil(
+                i64::from(date.year),
+                u32::from(date.month),
+                u32::from(date.day),
+                u32::from(time.hour),
+                u32::from(time.minute),
+                secs,
+            ) - off_min as f64 * 60.0;
+            Ok(When::Unix(t))
+        }
+    }
+}
+
+/// A rate in messages/s, > 0.
+fn rate(c: &Check, key: &str, v: Option<f64>, default: Option<f64>) -> Result<f64, ConfigError> {
+    match v.or(default) {
+        None => Err(c.err(key, "required: a rate in messages per second, e.g. 100")),
+        Some(r) if r.is_finite() && r > 0.0 => Ok(r),
+        Some(r) => Err(c.err(key, format!("must be a number > 0 (got {r})"))),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -531,6 +643,61 @@ impl Config {
             ));
         }
         let control_interval = c.secs("control_interval", raw.control_interval, 1.0, 0.05)?;
+        let control = match raw.control.as_deref().unwrap_or("periodic") {
+            "periodic" => ControlMode::Periodic,
+            "continuous" => ControlMode::Continuous,
+            other => {
+                return Err(c.err(
+                    "control",
+                    format!("must be \"periodic\" or \"continuous\" (got {other:?})"),
+                ));
+            }
+        };
+        let target = {
+            use crate::target::{Deadline, Point, Target};
+            if !raw.schedule.is_empty() && raw.deadline.is_some() {
+                return Err(c.err(
+                    "deadline",
+                    "cannot be combined with [[schedule]]: choose one way of setting the target",
+                ));
+            }
+            if let Some(d) = raw.deadline {
+                let floor = rate(&c, "deadline.floor", d.floor, Some(1.0))?;
+                let ceiling = rate(&c, "deadline.ceiling", d.ceiling, Some(target_rate))?;
+                if floor > ceiling {
+                    return Err(c.err(
+                        "deadline.floor",
+                        format!("must be <= deadline.ceiling ({ceiling}) (got {floor})"),
+                    ));
+                }
+                Target::Deadline(Deadline {
+                    at: when(&c, "deadline.at", d.at)?,
+                    floor,
+                    ceiling,
+                })
+            } else if raw.schedule.is_empty() {
+                Target::Constant(target_rate)
+            } else {
+                let mut points = Vec::new();
+                for (i, p) in raw.schedule.into_iter().enumerate() {
+                    points.push(Point {
+                        at: when(&c, &format!("schedule[{i}].at"), p.at)?,
+                        rate: rate(&c, &format!("schedule[{i}].rate"), p.rate, None)?,
+                        ramp: p.ramp.unwrap_or(false),
+                    });
+                }
+                // Offsets and absolute times mixed: order is checked against "now" at start.
+                let t = Target::Schedule {
+                    initial: target_rate,
+                    points,
+                };
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                t.check(now).map_err(|e| c.err("schedule", e))?;
+                t
+            }
+        };
 
         let s = raw.supervisor;
         let supervisor = SupervisorConfig {
@@ -549,6 +716,10 @@ impl Config {
                 0.0,
             )?,
             shutdown_grace: c.secs("supervisor.shutdown_grace", s.shutdown_grace, 10.0, 0.0)?,
+            worker_user: match s.worker_user {
+                None => None,
+                Some(name) => Some(worker_user(&c, &name)?),
+            },
         };
 
         let r = raw.relay;
@@ -803,6 +974,8 @@ impl Config {
             max_workers: to_u32(max_workers),
             sessions: to_u32(sessions),
             control_interval,
+            control,
+            target,
             supervisor,
             relay,
             timeouts,
@@ -837,13 +1010,44 @@ impl Config {
     }
 }
 
+/// `supervisor.worker_user`: the account must exist and must not be root.
+fn worker_user(c: &Check, name: &str) -> Result<WorkerUser, ConfigError> {
+    let key = "supervisor.worker_user";
+    let user = match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => u,
+        Ok(None) => {
+            return Err(c.err(
+                key,
+                format!(
+                    "no user named {name:?} on this system (create it, or use e.g. \"nobody\")"
+                ),
+            ));
+        }
+        Err(e) => return Err(c.err(key, format!("cannot look up user {name:?}: {e}"))),
+    };
+    if user.uid.is_root() {
+        return Err(c.err(
+            key,
+            format!("{name:?} is root; name an unprivileged user such as \"nobody\""),
+        ));
+    }
+    Ok(WorkerUser {
+        name: name.to_string(),
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+    })
+}
+
 /// `[dkim]`: every key checked, the key file read and parsed now so a bad key stops the
 /// governor at start-up with a message naming the file, never a worker later. The key's
 /// contents never appear in an error.
 fn dkim_config(c: &Check, d: RawDkim) -> Result<Dkim, ConfigError> {
     let required = |key: &str, v: Option<String>, example: &str| match v {
         Some(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
-        _ => Err(c.err(key, format!("required when [dkim] is present, e.g. `{example}`"))),
+        _ => Err(c.err(
+            key,
+            format!("required when [dkim] is present, e.g. `{example}`"),
+        )),
     };
     let domain = required("dkim.domain", d.domain, "domain = \"example.com\"")?;
     if !domain
@@ -856,10 +1060,11 @@ fn dkim_config(c: &Check, d: RawDkim) -> Result<Dkim, ConfigError> {
         ));
     }
     let selector = required("dkim.selector", d.selector, "selector = \"s2024\"")?;
-    if !selector
-        .split('.')
-        .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
-    {
+    if !selector.split('.').all(|l| {
+        !l.is_empty()
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }) {
         return Err(c.err(
             "dkim.selector",
             format!("must be letters, digits, `-`, `_` and dots (got {selector:?})"),
@@ -886,7 +1091,10 @@ fn dkim_config(c: &Check, d: RawDkim) -> Result<Dkim, ConfigError> {
     if len > 64 * 1024 {
         return Err(c.err(
             "dkim.key_file",
-            format!("{} is {len} bytes, too large for a PEM private key", p.display()),
+            format!(
+                "{} is {len} bytes, too large for a PEM private key",
+                p.display()
+            ),
         ));
     }
     let private_key_pem = std::fs::read_to_string(&p).map_err(|e| {
@@ -962,6 +1170,12 @@ fn toml_error(path: &Path, text: &str, e: toml::de::Error) -> ConfigError {
             suggestion: closest(unknown, &known).map(qualify),
         };
     }
+    // serde quotes the offending value ("invalid type: integer `123`"): never for a secret.
+    let msg = if keys.as_deref().is_some_and(|k| SECRET_KEYS.contains(&k)) {
+        "must be a string (the value is not shown: it is a secret)".to_string()
+    } else {
+        msg
+    };
     ConfigError::Syntax {
         path: path.to_path_buf(),
         line,
@@ -969,6 +1183,9 @@ fn toml_error(path: &Path, text: &str, e: toml::de::Error) -> ConfigError {
         message: msg,
     }
 }
+
+/// Keys whose values are secrets: an error about them never quotes the value.
+const SECRET_KEYS: &[&str] = &["relay.password"];
 
 /// The known key closest to `word`, if it is close enough to be a likely typo.
 fn closest<'a>(word: &str, known: &[&'a str]) -> Option<&'a str> {
@@ -1047,6 +1264,7 @@ sender = "news@example.com"
                 restart_period: Duration::from_secs(30),
                 restart_backoff_max: Duration::from_secs(30),
                 shutdown_grace: Duration::from_secs(10),
+                worker_user: None,
             }
         );
         assert_eq!(
@@ -1581,7 +1799,10 @@ sender = "n@example.com"
                 .expect_err(want)
                 .to_string();
             let got = got.strip_prefix(&file).unwrap().replace(&dir, "D");
-            assert!(got.starts_with(&format!(": {want}")), "\n got: {got}\nwant: {want}");
+            assert!(
+                got.starts_with(&format!(": {want}")),
+                "\n got: {got}\nwant: {want}"
+            );
             assert!(!got.contains("MC4CAQAw"), "{got}");
         }
     }

@@ -114,9 +114,11 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
     let sink = start(SinkOptions {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         latency_ms: 5,
+        latency_sigma: 0.0,
         tempfail_pct: 0.0,
         permfail_pct: 0.0,
         dump: None,
+        profile: Default::default(),
     })
     .context("starting the demo sink")?;
     let port = sink.addr.port();

@@ -6,17 +6,28 @@
 //! edges, and integer worker counts never show up as rate steps (workers give capacity, the
 //! pacer gives the fine control). When there is no capacity to use a token it is lost rather
 //! than saved up, so a stall is never followed by a catch-up burst.
+//!
+//! A second, completion-side bucket keeps the *ended* attempts (what receivers and the
+//! benchmark see) from running ahead of the rate: every completion spends a credit that refills
+//! at the same rate and holds at most [`CREDIT_HORIZON`] worth. In steady state completions
+//! follow dispatch and the credit stays full; when the jobs in flight end all at once (a slow
+//! receiver becomes fast again, so old slow jobs and new fast ones finish together) the credit
+//! goes negative and dispatch waits until it is repaid. So the completed rate over any second
+//! stays within about `CREDIT_HORIZON` of the target.
 
 use std::time::{Duration, Instant};
 
 /// How far ahead the bucket may run: the largest burst, expressed as time at the target rate.
 const HORIZON: Duration = Duration::from_millis(20);
+/// How far completions may run ahead of the rate before dispatch waits, as time at the rate.
+pub const CREDIT_HORIZON: Duration = Duration::from_millis(60);
 
 /// Token bucket pacing jobs to a rate.
 #[derive(Debug, Clone)]
 pub struct Pacer {
     rate: f64,
     tokens: f64,
+    credit: f64,
     last: Instant,
 }
 
@@ -26,6 +37,7 @@ impl Pacer {
         Pacer {
             rate: rate.max(0.0),
             tokens: 1.0,
+            credit: (rate.max(0.0) * CREDIT_HORIZON.as_secs_f64()).max(1.0),
             last: now,
         }
     }
@@ -40,6 +52,17 @@ impl Pacer {
         self.refill(now);
         self.rate = rate.max(0.0);
         self.tokens = self.tokens.min(self.burst());
+        self.credit = self.credit.min(self.credit_max());
+    }
+
+    fn credit_max(&self) -> f64 {
+        (self.rate * CREDIT_HORIZON.as_secs_f64()).max(1.0)
+    }
+
+    /// Counts `n` attempts that ended (any outcome).
+    pub fn completed(&mut self, n: usize, now: Instant) {
+        self.refill(now);
+        self.credit -= n as f64;
     }
 
     fn burst(&self) -> f64 {
@@ -50,11 +73,17 @@ impl Pacer {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + dt * self.rate).min(self.burst());
+        self.credit = (self.credit + dt * self.rate).min(self.credit_max());
     }
 
-    /// How many whole jobs may go now.
+    /// How many whole jobs may go now (none while completions are ahead of the rate).
     pub fn available(&mut self, now: Instant) -> usize {
         self.refill(now);
+        if self.credit < 0.0 {
+            // Tokens accrued while repaying are not saved up either.
+            self.tokens = self.tokens.min(1.0);
+            return 0;
+        }
         self.tokens.floor().max(0.0) as usize
     }
 
@@ -65,13 +94,12 @@ impl Pacer {
 
     /// Time until the next whole token, for the main loop's sleep.
     pub fn next_in(&self) -> Duration {
-        if self.tokens >= 1.0 {
-            return Duration::ZERO;
-        }
         if self.rate <= 0.0 {
             return Duration::from_secs(3600);
         }
-        Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+        let debt = (-self.credit).max(0.0);
+        let need = (1.0 - self.tokens).max(0.0).max(debt);
+        Duration::from_secs_f64(need / self.rate)
     }
 
     /// Drops tokens that could not be used (no capacity or no work), so they are not saved up.
@@ -138,6 +166,34 @@ mod tests {
         let _ = p.available(t0 + ms(100));
         p.set_rate(10.0, t0 + ms(100));
         assert_eq!(p.available(t0 + ms(100)), 1);
+    }
+
+    #[test]
+    fn completions_ahead_of_the_rate_hold_dispatch_back() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(100.0, t0);
+        let n = p.available(t0);
+        p.take(n);
+        // steady state: one completion per token, dispatch goes on
+        for i in 1..=50 {
+            let now = t0 + ms(i * 10);
+            p.completed(1, now);
+            assert_eq!(p.available(now), 1, "at {i}");
+            p.take(1);
+        }
+        // 30 jobs end at once (a receiver became fast): 6 are covered by the credit, the rest
+        // is a debt of 24 jobs = 240 ms at 100/s during which nothing is dispatched
+        let now = t0 + ms(510);
+        p.completed(30, now);
+        assert_eq!(p.available(now), 0);
+        assert!(
+            (p.next_in().as_secs_f64() - 0.24).abs() < 0.02,
+            "{:?}",
+            p.next_in()
+        );
+        assert_eq!(p.available(t0 + ms(700)), 0);
+        // repaid at 750 ms: dispatch resumes with at most the usual 20 ms burst
+        assert_eq!(p.available(t0 + ms(760)), 2);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`supervisor`]: spawning, reaping, restarting and stopping worker processes.
 //! - [`dispatch`]: the pacer (token bucket) that hands jobs to workers.
 //! - [`control`]: measuring efficiency and deciding the worker count (pure functions).
+//! - [`target`]: the target rate over time (constant, schedule of steps and ramps, deadline).
+//! - [`report`]: `governor report`, plots of the control log.
 //! - [`deliverylog`]: one JSON line per delivery attempt.
 //! - [`signals`]: SIGHUP/SIGTERM/SIGINT/SIGCHLD to flags and wake-ups.
 //! - [`run`]: the main loop that ties the above together.
@@ -20,9 +22,11 @@ pub mod control;
 pub mod deliverylog;
 pub mod demo;
 pub mod dispatch;
+pub mod report;
 pub mod retry;
 pub mod run;
 pub mod signals;
 pub mod sink;
 pub mod spool;
 pub mod supervisor;
+pub mod target;

@@ -40,9 +40,16 @@ enum Cmd {
         /// Address to listen on, e.g. 127.0.0.1:2525.
         #[arg(long)]
         listen: SocketAddr,
-        /// Delay before answering the final dot, ms.
+        /// Delay before answering the final dot, ms (the median with --latency-sigma).
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
+        /// Log-normal sigma of that delay (0: fixed).
+        #[arg(long, default_value_t = 0.0)]
+        latency_sigma: f64,
+        /// A TOML profile that changes latency, failures and refusals over time (see
+        /// governor::sink::Profile).
+        #[arg(long)]
+        profile: Option<PathBuf>,
         /// Percent of messages answered 451 after the dot.
         #[arg(long, default_value_t = 0.0)]
         tempfail_pct: f64,
@@ -52,6 +59,15 @@ enum Cmd {
         /// Write every accepted message to DIR/<n>.eml and a ledger to DIR/ledger.jsonl.
         #[arg(long)]
         dump: Option<PathBuf>,
+    },
+    /// Draw a control log: target vs actual rate, workers, efficiency, utilization, retry limit.
+    Report {
+        /// The control log (control.jsonl).
+        #[arg(long)]
+        control_log: PathBuf,
+        /// The picture to write: FILE.svg or FILE.png.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Build a sample campaign, deliver it to a built-in sink, and print the summary.
     Demo {
@@ -142,10 +158,22 @@ fn main() -> ExitCode {
         Cmd::Sink {
             listen,
             latency_ms,
+            latency_sigma,
+            profile,
             tempfail_pct,
             permfail_pct,
             dump,
         } => {
+            let profile = match profile {
+                None => governor::sink::Profile::default(),
+                Some(p) => match governor::sink::Profile::load(&p) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("governor sink: {e:#}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
                 if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
@@ -156,9 +184,11 @@ fn main() -> ExitCode {
             let opts = governor::sink::SinkOptions {
                 listen,
                 latency_ms,
+                latency_sigma,
                 tempfail_pct,
                 permfail_pct,
                 dump,
+                profile,
             };
             match governor::sink::run_foreground(opts, stop.clone()) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -169,6 +199,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Report { control_log, out } => match governor::report::run(&control_log, &out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("governor report: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Cmd::Demo {
             messages,
             rate,

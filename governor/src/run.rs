@@ -281,6 +281,12 @@ struct Governor {
     next_progress: Instant,
     tick: u64,
     started: Instant,
+    /// Wall-clock start of the run, for schedule offsets and deadlines.
+    started_unix: f64,
+    /// When the controller last decided (continuous mode rate-limits on it).
+    last_decision: Instant,
+    /// The last decision asked to shed by killing busy workers rather than draining them.
+    kill_shed: bool,
     stopping: Option<Instant>,
     escalated: Option<String>,
     backlog_seen: bool,
@@ -325,7 +331,7 @@ pub fn run(cfg: Config, opts: RunOptions) -> Result<Summary, RunError> {
         .map_err(|e| RunError::Setup(format!("cannot install signal handlers: {e}")))?;
     let now = Instant::now();
     let mut g = Governor {
-        pacer: Pacer::new(cfg.target_rate, now),
+        pacer: Pacer::new(cfg.target.rate(unix_now(), unix_now(), counts.total).0, now),
         meter: Meter::new(now, 0, cfg.sessions as usize),
         restart: RestartPolicy::new(
             cfg.supervisor.restart_intensity,
@@ -354,6 +360,9 @@ pub fn run(cfg: Config, opts: RunOptions) -> Result<Summary, RunError> {
         next_progress: now + Duration::from_secs(1),
         tick: 0,
         started: now,
+        started_unix: unix_now(),
+        last_decision: now,
+        kill_shed: false,
         stopping: None,
         escalated: None,
         backlog_seen: false,
@@ -367,6 +376,8 @@ pub fn run(cfg: Config, opts: RunOptions) -> Result<Summary, RunError> {
         total: counts.total,
     };
     g.next_tick = now + g.cfg.control_interval;
+    let user = worker_credentials(&g.cfg);
+    g.sup.run_as(user);
     info!(
         "governor starting: {} jobs ({} already final), target_rate={}/s workers={}..{} sessions={} worker={}",
         g.total,
@@ -379,6 +390,38 @@ pub fn run(cfg: Config, opts: RunOptions) -> Result<Summary, RunError> {
     );
     let status = g.main_loop()?;
     g.finish(status)
+}
+
+/// Whom workers run as: `supervisor.worker_user` when the governor is root (a non-root governor
+/// cannot switch users, and its workers already run unprivileged, as itself).
+fn worker_credentials(cfg: &Config) -> Option<crate::supervisor::spawn::Credentials> {
+    let root = nix::unistd::geteuid().is_root();
+    match (&cfg.supervisor.worker_user, root) {
+        (Some(u), true) => {
+            info!(
+                "workers run as user {} (uid={} gid={})",
+                u.name, u.uid, u.gid
+            );
+            Some(crate::supervisor::spawn::Credentials {
+                uid: u.uid,
+                gid: u.gid,
+            })
+        }
+        (Some(u), false) => {
+            info!(
+                "supervisor.worker_user = {:?} ignored: the governor is not root, so workers run as its own user",
+                u.name
+            );
+            None
+        }
+        (None, true) => {
+            warn!(
+                "the governor runs as root and supervisor.worker_user is not set: workers run as root too"
+            );
+            None
+        }
+        (None, false) => None,
+    }
 }
 
 impl Governor {
@@ -417,7 +460,10 @@ impl Governor {
             if now >= self.next_flush {
                 self.flush()?;
             }
-            if now >= self.next_tick {
+            let continuous_due = self.cfg.control == crate::config::ControlMode::Continuous
+                && self.meter.attempts() > 0
+                && now.duration_since(self.last_decision) >= crate::config::CONTINUOUS_MIN_GAP;
+            if now >= self.next_tick || continuous_due {
                 self.control_tick(now);
             }
             if self.opts.progress && now >= self.next_progress {
@@ -563,7 +609,9 @@ impl Governor {
             w.delivered += 1;
         }
         self.restart.healthy();
-        self.meter.attempt(o.kind, o.latency_ms);
+        self.meter
+            .record(slot, o.kind, o.code, o.stage, o.latency_ms);
+        self.pacer.completed(1, Instant::now());
         self.attempts += 1;
         let retry = &self.cfg.retry;
         let age = job.first_attempt_at.map(|t| now_unix - t).unwrap_or(0.0);
@@ -809,7 +857,9 @@ impl Governor {
                 .collect();
             cands.sort_by_key(|&(n, starting, _)| (!starting, n));
             for &(_, starting, inc) in cands.iter().take(alive - self.desired) {
-                if starting {
+                if starting || self.kill_shed {
+                    // Claim 3: when the rate must fall faster than draining allows, busy
+                    // workers are killed; their jobs come back (in doubt) when reaped.
                     self.sup.kill(inc);
                 } else {
                     self.sup.drain(inc);
@@ -953,51 +1003,81 @@ impl Governor {
     fn control_tick(&mut self, now: Instant) {
         self.tick += 1;
         self.next_tick = now + self.cfg.control_interval;
+        self.last_decision = now;
         let ready = self.sup.count(WorkerState::Ready);
         let busy = self.busy_sessions();
         self.meter.level(now, ready, busy);
         let window = self.meter.take(now);
         let starting = self.sup.count(WorkerState::Starting);
+        let remaining = self.total.saturating_sub(self.finals);
+        let (target, target_why) = self
+            .cfg
+            .target
+            .rate(unix_now(), self.started_unix, remaining);
+        let interval_s = self.cfg.control_interval.as_secs_f64();
         let inputs = control::Inputs {
-            target: self.pacer.rate(),
+            now_s: now.duration_since(self.started).as_secs_f64(),
+            target,
             workers: ready + starting,
+            starting,
             min_workers: self.cfg.min_workers as usize,
             max_workers: self.cfg.max_workers as usize,
             backlog: self.backlog_seen || !self.ready.is_empty(),
+            down_window_s: control::DOWN_WINDOW_TICKS as f64 * interval_s,
+            drain_budget_s: interval_s,
             window,
         };
         let d = control::decide(&inputs, &self.ctl);
         let retry = self.retry_tick(&inputs.window);
         self.backlog_seen = !self.ready.is_empty();
-        if d.workers != self.desired {
+        if d.workers != self.desired || d.rate_action != control::RateAction::Hold {
             info!("control: {}", d.reason);
         }
-        self.desired = if self.stopping.is_some() {
-            self.desired
-        } else {
-            d.workers
-        };
+        if self.stopping.is_none() {
+            self.desired = d.workers;
+            self.kill_shed = d.kill;
+            if (d.rate - self.pacer.rate()).abs() > 1e-9 {
+                self.pacer.set_rate(d.rate, now);
+            }
+        }
         #[derive(Serialize)]
         struct Line<'a> {
             time: f64,
             tick: u64,
+            mode: crate::config::ControlMode,
             target: f64,
+            target_reason: &'a str,
+            rate: f64,
+            rate_factor: f64,
+            rate_action: control::RateAction,
             throughput: f64,
             delivered_per_s: f64,
             efficiency: f64,
+            busy_efficiency: f64,
             e_busy: Option<f64>,
             utilization: f64,
+            per_worker: &'a [(u32, f64)],
             failure_rate: f64,
+            pushback_rate: f64,
+            mix: control::Mix,
             latency_p50_ms: u32,
             latency_p95_ms: u32,
+            latency_p99_ms: u32,
+            period_s: f64,
+            attempts: u64,
             workers: usize,
             starting: usize,
             draining: usize,
             avg_workers: f64,
             desired: usize,
+            recommended: usize,
             required: f64,
+            trim: f64,
+            integral: f64,
+            kill: bool,
             queue: usize,
             in_flight: usize,
+            remaining: u64,
             retry_limit: u32,
             retry_base: u32,
             retry_inputs: &'a crate::retry::Inputs,
@@ -1008,7 +1088,12 @@ impl Governor {
         let line = Line {
             time: unix_now(),
             tick: self.tick,
-            target: inputs.target,
+            mode: self.cfg.control,
+            target,
+            target_reason: &target_why,
+            rate: d.rate,
+            rate_factor: d.state.factor,
+            rate_action: d.rate_action,
             throughput: w.throughput,
             delivered_per_s: if w.period_s > 0.0 {
                 w.delivered as f64 / w.period_s
@@ -1016,19 +1101,31 @@ impl Governor {
                 0.0
             },
             efficiency: w.efficiency,
+            busy_efficiency: w.busy_efficiency,
             e_busy: d.state.e_busy,
             utilization: w.utilization,
+            per_worker: &w.per_worker,
             failure_rate: w.failure_rate,
+            pushback_rate: w.pushback_rate,
+            mix: w.mix,
             latency_p50_ms: w.latency_p50_ms,
             latency_p95_ms: w.latency_p95_ms,
+            latency_p99_ms: w.latency_p99_ms,
+            period_s: w.period_s,
+            attempts: w.attempts,
             workers: ready,
             starting,
             draining: self.sup.count(WorkerState::Draining),
             avg_workers: w.avg_workers,
             desired: self.desired,
+            recommended: d.recommended,
             required: d.required,
+            trim: d.trim,
+            integral: d.state.integral,
+            kill: d.kill,
             queue: self.ready.len(),
             in_flight: busy,
+            remaining,
             retry_limit: retry.value,
             retry_base: retry.base,
             retry_inputs: &self.retry.inputs,
@@ -1101,10 +1198,18 @@ impl Governor {
                         old.control_interval, new.control_interval
                     ));
                 }
+                if new.target != old.target && new.target_rate == old.target_rate {
+                    changes.push("target schedule/deadline".to_string());
+                }
+                if new.control != old.control {
+                    changes.push(format!("control {:?} -> {:?}", old.control, new.control));
+                }
                 let ignored = old.restart_required_changes(&new);
                 let now = Instant::now();
-                self.pacer.set_rate(new.target_rate, now);
+                // The new target is applied by the decision at the next tick (now).
                 self.cfg.target_rate = new.target_rate;
+                self.cfg.target = new.target;
+                self.cfg.control = new.control;
                 self.cfg.min_workers = new.min_workers;
                 self.cfg.max_workers = new.max_workers;
                 self.cfg.control_interval = new.control_interval;

@@ -164,7 +164,12 @@ fn every_job_expires_after_exactly_max_attempts_with_the_last_reply() {
         let mine: Vec<&Value> = log.iter().filter(|l| l["job"] == job).collect();
         let seen: Vec<(u64, &str)> = mine
             .iter()
-            .map(|l| (l["attempt"].as_u64().unwrap(), l["outcome"].as_str().unwrap()))
+            .map(|l| {
+                (
+                    l["attempt"].as_u64().unwrap(),
+                    l["outcome"].as_str().unwrap(),
+                )
+            })
             .collect();
         assert_eq!(
             seen,
@@ -176,7 +181,8 @@ fn every_job_expires_after_exactly_max_attempts_with_the_last_reply() {
         let reply = last["reply"].as_str().unwrap();
         assert!(reply.contains("Try again later"), "{last}");
         assert!(
-            mine.iter().all(|l| l["message_id"] == mine[0]["message_id"]),
+            mine.iter()
+                .all(|l| l["message_id"] == mine[0]["message_id"]),
             "same Message-ID on every attempt: {mine:?}"
         );
     }
@@ -215,7 +221,11 @@ fn failure_rate_lowers_the_limit_in_the_running_governor() {
         "max_attempts = 5\nmin_attempts = 2\nadapt = [\"failure_rate\"]\nmin_interval = 0.5\nmax_interval = 1",
     );
     let s = run(&config);
-    assert_eq!((s["expired"].as_u64(), s["bounced"].as_u64()), (Some(n as u64), Some(0)), "{s}");
+    assert_eq!(
+        (s["expired"].as_u64(), s["bounced"].as_u64()),
+        (Some(n as u64), Some(0)),
+        "{s}"
+    );
     let ctl = jsonl(&d.0.join("var/log/control.jsonl"));
     let lowered = ctl
         .iter()
@@ -230,14 +240,23 @@ fn failure_rate_lowers_the_limit_in_the_running_governor() {
         "{lowered}"
     );
     // Limits only step down here, one step per tick: 5, 4, 3, 2.
-    let limits: Vec<u64> = ctl.iter().map(|l| l["retry_limit"].as_u64().unwrap()).collect();
-    assert!(limits.windows(2).all(|w| w[1] <= w[0] && w[0] - w[1] <= 1), "{limits:?}");
+    let limits: Vec<u64> = ctl
+        .iter()
+        .map(|l| l["retry_limit"].as_u64().unwrap())
+        .collect();
+    assert!(
+        limits.windows(2).all(|w| w[1] <= w[0] && w[0] - w[1] <= 1),
+        "{limits:?}"
+    );
     let log = jsonl(&d.0.join("var/log/delivery.jsonl"));
     let expired: Vec<&Value> = log.iter().filter(|l| l["outcome"] == "expired").collect();
     assert_eq!(expired.len(), n);
     assert!(expired.iter().all(|l| l["code"] == 451));
     let at_two = expired.iter().filter(|l| l["attempt"] == 2).count();
-    assert!(at_two > n / 2, "most jobs expire at the lowered limit 2: {at_two} of {n}");
+    assert!(
+        at_two > n / 2,
+        "most jobs expire at the lowered limit 2: {at_two} of {n}"
+    );
     assert!(expired.iter().all(|l| l["attempt"].as_u64().unwrap() >= 2));
 }
 
@@ -340,7 +359,11 @@ fn every_attempt_carries_the_same_message_id_and_envelope_sender() {
         "max_attempts = 5\nmin_interval = 0.05\nmax_interval = 0.2",
     );
     let s = run(&config);
-    assert_eq!((s["delivered"].as_u64(), s["expired"].as_u64()), (Some(n as u64), Some(0)), "{s}");
+    assert_eq!(
+        (s["delivered"].as_u64(), s["expired"].as_u64()),
+        (Some(n as u64), Some(0)),
+        "{s}"
+    );
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 3 * n, "{seen:?}");
     for i in 0..n {

@@ -15,8 +15,9 @@ use mail_auth::dkim::{Canonicalization, DkimSigner, Done};
 use protocol::{Dkim, DkimAlgorithm};
 use rustls::pki_types::{PrivateKeyDer, pem::PemObject as _};
 
-/// Header fields signed when present (RFC 6376 5.4.1's recommendations plus the MIME and
-/// list fields a bulk message carries). `From` is always present in a sendable message.
+/// Header fields signed (RFC 6376 5.4.1's recommendations plus the MIME and list fields a bulk
+/// message carries). mail-auth lists absent ones in `h=` too, which signs their absence: a
+/// relay or attacker cannot add, say, a Reply-To without breaking the signature.
 const SIGNED_HEADERS: [&str; 19] = [
     "From",
     "Sender",
@@ -100,9 +101,11 @@ impl Signer {
         let inner = match cfg.algorithm {
             DkimAlgorithm::RsaSha256 => {
                 let k = RsaKey::<Sha256>::from_key_der(key).map_err(|_| {
-                    bad("not an RSA private key (algorithm is rsa-sha256); generate one with \
+                    bad(
+                        "not an RSA private key (algorithm is rsa-sha256); generate one with \
                          `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048`"
-                        .into())
+                            .into(),
+                    )
                 })?;
                 Inner::Rsa(Box::new(
                     DkimSigner::from_key(k)
@@ -115,12 +118,16 @@ impl Signer {
             }
             DkimAlgorithm::Ed25519Sha256 => {
                 let PrivateKeyDer::Pkcs8(der) = key else {
-                    return Err(bad("an ed25519 key must be PKCS#8 (`-----BEGIN PRIVATE KEY-----`)".into()));
+                    return Err(bad(
+                        "an ed25519 key must be PKCS#8 (`-----BEGIN PRIVATE KEY-----`)".into(),
+                    ));
                 };
                 let k = Ed25519Key::from_pkcs8_der(der.secret_pkcs8_der()).map_err(|_| {
-                    bad("not an Ed25519 private key (algorithm is ed25519); generate one with \
+                    bad(
+                        "not an Ed25519 private key (algorithm is ed25519); generate one with \
                          `openssl genpkey -algorithm ed25519`"
-                        .into())
+                            .into(),
+                    )
                 })?;
                 Inner::Ed25519(Box::new(
                     DkimSigner::from_key(k)
@@ -199,21 +206,47 @@ mod tests {
                 .unwrap(),
         )
         .unwrap();
-        assert!(h.starts_with("DKIM-Signature: v=1; a=ed25519-sha256; s=s1; d=example.com; c=relaxed/relaxed;"), "{h}");
-        assert!(h.ends_with("\r\n") && h.contains("h=From:Subject;"), "{h}");
+        assert!(
+            h.starts_with(
+                "DKIM-Signature: v=1; a=ed25519-sha256; s=s1; d=example.com; c=relaxed/relaxed;"
+            ),
+            "{h}"
+        );
+        assert!(h.ends_with("\r\n"), "{h}");
+        let unfolded = h.replace("\r\n\t", "");
+        let list = unfolded
+            .split("h=")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap();
+        let names: Vec<&str> = list.split(':').collect();
+        assert!(names.contains(&"From") && names.contains(&"Subject"), "{h}");
         assert!(h.split("\r\n").all(|l| l.len() <= 78), "{h}");
-        assert!(h.split("\r\n").skip(1).all(|l| l.is_empty() || l.starts_with('\t')), "{h}");
+        assert!(
+            h.split("\r\n")
+                .skip(1)
+                .all(|l| l.is_empty() || l.starts_with('\t')),
+            "{h}"
+        );
     }
 
     #[test]
     fn bad_keys_are_named_and_never_echoed() {
         let e = Signer::new(&cfg(DkimAlgorithm::RsaSha256, ED25519_PEM)).unwrap_err();
         let t = e.to_string();
-        assert!(t.contains("s1") && t.contains("example.com") && t.contains("not an RSA"), "{t}");
+        assert!(
+            t.contains("s1") && t.contains("example.com") && t.contains("not an RSA"),
+            "{t}"
+        );
         assert!(!t.contains("MC4CAQAw"), "{t}");
         let e = Signer::new(&cfg(DkimAlgorithm::Ed25519Sha256, "garbage SECRET")).unwrap_err();
         let t = e.to_string();
-        assert!(t.contains("not a PEM private key") && !t.contains("SECRET"), "{t}");
+        assert!(
+            t.contains("not a PEM private key") && !t.contains("SECRET"),
+            "{t}"
+        );
         let mut c = cfg(DkimAlgorithm::Ed25519Sha256, ED25519_PEM);
         c.selector.clear();
         assert!(Signer::new(&c).is_err());

@@ -1034,9 +1034,11 @@ pub fn seven_bit(msg: &[u8]) -> Result<Vec<u8>, String> {
     let mut body = body.map(<[u8]>::to_vec);
     if let Some(b) = body.as_mut().filter(|b| !b.is_ascii()) {
         if header.content_type_multipart() {
-            return Err("the multipart body contains 8-bit data and the server does not offer \
+            return Err(
+                "the multipart body contains 8-bit data and the server does not offer \
                         8BITMIME; encode its parts (quoted-printable or base64) in the template"
-                .into());
+                    .into(),
+            );
         }
         if let Some(ct) = header.value_of("content-type")
             && !ct.to_ascii_lowercase().starts_with("text/")

@@ -323,6 +323,7 @@ impl Pool {
             }
             let mut caps = ehlo.clone();
             // Only the mechanisms this build supports; CRAM-MD5 needs a feature we leave off.
+            // mail-send tries the highest bit first: PLAIN, then LOGIN.
             caps.auth_mechanisms &= AUTH_PLAIN | AUTH_LOGIN;
             let creds = Credentials::Plain {
                 username: auth.username.clone(),

@@ -293,3 +293,95 @@ fn refuses_to_run_without_the_ipc_socket() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be started by the governor"));
 }
+
+const ED25519_PEM: &str = "-----BEGIN PRIVATE KEY-----\n\
+    MC4CAQAwBQYDK2VwBCIEINTuctv5E1hK1bbY8fdp+K06/nwoy/HU++CXqI9EdVhC\n\
+    -----END PRIVATE KEY-----\n";
+
+fn dkim(pem: &str) -> Option<protocol::Dkim> {
+    Some(protocol::Dkim {
+        domain: "example.com".into(),
+        selector: "s1".into(),
+        algorithm: protocol::DkimAlgorithm::Ed25519Sha256,
+        private_key_pem: pem.into(),
+    })
+}
+
+#[test]
+fn dkim_from_the_welcome_signs_every_message() {
+    let (port, messages) = sink();
+    let (mut child, mut sock) = spawn_worker();
+    handshake(&mut sock);
+    let log = log_path("dkim");
+    let mut w = welcome(port, &log);
+    w.dkim = dkim(ED25519_PEM);
+    write_frame(&mut sock, &ToWorker::Welcome(w)).unwrap();
+    write_frame(
+        &mut sock,
+        &ToWorker::Campaign(CampaignSpec {
+            campaign_id: 1,
+            name: "signed".into(),
+            template: "From: news@example.com\nTo: {{ email }}\nSubject: hi\n\nhello\n".into(),
+            sender: "news@example.com".into(),
+            fields: vec!["email".into()],
+        }),
+    )
+    .unwrap();
+    write_frame(
+        &mut sock,
+        &ToWorker::Job(Job {
+            job_id: 1,
+            lease_id: 1,
+            campaign_id: 1,
+            attempt: 1,
+            recipient: "a@example.com".into(),
+            values: vec!["a@example.com".into()],
+            message_id: "m@example.com".into(),
+        }),
+    )
+    .unwrap();
+    match read_frame::<_, ToGovernor>(&mut sock).unwrap() {
+        ToGovernor::Outcome(o) => assert_eq!(o.kind, OutcomeKind::Delivered, "{o:?}"),
+        other => panic!("expected Outcome, got {other:?}"),
+    }
+    let data = String::from_utf8(messages.recv_timeout(Duration::from_secs(5)).unwrap()).unwrap();
+    assert!(
+        data.starts_with(
+            "DKIM-Signature: v=1; a=ed25519-sha256; s=s1; d=example.com; c=relaxed/relaxed;"
+        ),
+        "{data}"
+    );
+    write_frame(&mut sock, &ToWorker::Drain).unwrap();
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log_text.contains("dkim signing domain=example.com selector=s1"),
+        "{log_text}"
+    );
+    assert!(
+        !log_text.contains("MC4CAQAw"),
+        "the key was logged: {log_text}"
+    );
+    let _ = std::fs::remove_file(&log);
+}
+
+#[test]
+fn unusable_dkim_key_exits_non_zero_without_showing_it() {
+    let (port, _messages) = sink();
+    let (mut child, mut sock) = spawn_worker();
+    handshake(&mut sock);
+    let log = log_path("dkim-bad");
+    let mut w = welcome(port, &log);
+    w.dkim = dkim("-----BEGIN PRIVATE KEY-----\nU0VDUkVU\n-----END PRIVATE KEY-----\n");
+    write_frame(&mut sock, &ToWorker::Welcome(w)).unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(5));
+    assert!(!status.success(), "{status:?}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("DKIM private key for selector \"s1\" of example.com"),
+        "{err}"
+    );
+    assert!(!err.contains("U0VDUkVU"), "{err}");
+    let _ = std::fs::remove_file(&log);
+}

@@ -25,7 +25,7 @@ async fn f1_dot_lines_arrive_as_written() {
         &format!("{FROM_TO}Subject: dots\n\n.test\n.\n..\n{{{{ v }}}}\n...\nend"),
         &["email", "v"],
     );
-    let o = send(&p, &r, "a@example.com", &[".merge\n.\n"]).await;
+    let o = send(&p, &r, "a@example.com", &["a@example.com", ".merge\n.\n"]).await;
     assert_eq!(o.kind, OutcomeKind::Delivered, "{o:?}");
     let (m, _) = peer.message(1);
     assert_eq!(
@@ -35,7 +35,7 @@ async fn f1_dot_lines_arrive_as_written() {
     // A body whose first byte is a dot, and a message whose very first byte is one.
     let r = campaign(&format!("{FROM_TO}Subject: first\n\n.first"), &["email"]);
     assert_eq!(
-        send(&p, &r, "a@example.com", &[]).await.kind,
+        send(&p, &r, "a@example.com", &["a@example.com"]).await.kind,
         OutcomeKind::Delivered
     );
     assert_eq!(body(&peer.message(2).0), b".first\r\n");
@@ -56,8 +56,17 @@ async fn f2_bare_line_endings_never_reach_the_wire() {
         return;
     };
     let p = pool(&peer);
-    let r = campaign(&format!("{FROM_TO}Subject: eol\n\n{{{{ v }}}}"), &["email", "v"]);
-    let o = send(&p, &r, "a@example.com", &["Hi\n.\nBye\r\na\rb\r\nabc\r\n"]).await;
+    let r = campaign(
+        &format!("{FROM_TO}Subject: eol\n\n{{{{ v }}}}"),
+        &["email", "v"],
+    );
+    let o = send(
+        &p,
+        &r,
+        "a@example.com",
+        &["a@example.com", "Hi\n.\nBye\r\na\rb\r\nabc\r\n"],
+    )
+    .await;
     assert_eq!(o.kind, OutcomeKind::Delivered, "{o:?}");
     let (m, _) = peer.message(1);
     assert_clean(&m);
@@ -88,10 +97,12 @@ async fn f3_no_line_over_998_octets() {
     let long = "x".repeat(1500);
     let words = "word ".repeat(400);
     let r = campaign(
-        &format!("{FROM_TO}Subject: {{{{ s }}}}\nContent-Type: text/plain; charset=utf-8\n\nA{{{{ v }}}}B\nshort\n"),
+        &format!(
+            "{FROM_TO}Subject: {{{{ s }}}}\nContent-Type: text/plain; charset=utf-8\n\nA{{{{ v }}}}B\nshort\n"
+        ),
         &["email", "s", "v"],
     );
-    let o = send(&p, &r, "a@example.com", &[&words, &long]).await;
+    let o = send(&p, &r, "a@example.com", &["a@example.com", &words, &long]).await;
     assert_eq!(o.kind, OutcomeKind::Delivered, "{o:?}");
     let (m, _) = peer.message(1);
     assert_clean(&m);
@@ -110,12 +121,15 @@ async fn f3_no_line_over_998_octets() {
         &["email"],
     );
     assert_eq!(
-        send(&p, &r, "a@example.com", &[]).await.kind,
+        send(&p, &r, "a@example.com", &["a@example.com"]).await.kind,
         OutcomeKind::Delivered
     );
     let (m, _) = peer.message(2);
     assert_clean(&m);
-    assert_eq!(qp_decode(body(&m)), format!("{}\r\n", "y".repeat(1001)).into_bytes());
+    assert_eq!(
+        qp_decode(body(&m)),
+        format!("{}\r\n", "y".repeat(1001)).into_bytes()
+    );
     // The session refuses a message that still has a long line (e.g. a raw one) instead of
     // sending it.
     let raw = Rendered {
@@ -143,10 +157,12 @@ async fn f4_eight_bit_goes_as_8bitmime_only_when_offered() {
     };
     let p = pool(&peer);
     let r = campaign(
-        &format!("{FROM_TO}Subject: café\nContent-Type: text/plain; charset=utf-8\n\nUn café, {{{{ name }}}}!\n"),
+        &format!(
+            "{FROM_TO}Subject: café\nContent-Type: text/plain; charset=utf-8\n\nUn café, {{{{ name }}}}!\n"
+        ),
         &["email", "name"],
     );
-    let o = send(&p, &r, "a@example.com", &["Zoë"]).await;
+    let o = send(&p, &r, "a@example.com", &["a@example.com", "Zoë"]).await;
     assert_eq!(o.kind, OutcomeKind::Delivered, "{o:?}");
     let (m, meta) = peer.message(1);
     assert_eq!(meta["mail_options"], serde_json::json!(["BODY=8BITMIME"]));
@@ -163,10 +179,14 @@ async fn f4_without_8bitmime_the_message_is_made_7bit_clean() {
         &format!("{FROM_TO}Subject: café crème\n\nUn café, {{{{ name }}}}!\n"),
         &["email", "name"],
     );
-    let o = send(&p, &r, "a@example.com", &["Zoë"]).await;
+    let o = send(&p, &r, "a@example.com", &["a@example.com", "Zoë"]).await;
     assert_eq!(o.kind, OutcomeKind::Delivered, "{o:?}");
     let (m, meta) = peer.message(1);
-    assert_eq!(meta["mail_options"], serde_json::json!([]), "no BODY=8BITMIME");
+    assert_eq!(
+        meta["mail_options"],
+        serde_json::json!([]),
+        "no BODY=8BITMIME"
+    );
     assert!(m.is_ascii(), "{}", String::from_utf8_lossy(&m));
     assert_clean(&m);
     assert_eq!(
@@ -192,8 +212,12 @@ async fn f4_without_8bitmime_the_message_is_made_7bit_clean() {
         ),
         &["email"],
     );
-    let o = send(&p, &r, "a@example.com", &[]).await;
-    assert_eq!((o.kind, o.stage), (OutcomeKind::Bounced, Stage::Mail), "{o:?}");
+    let o = send(&p, &r, "a@example.com", &["a@example.com"]).await;
+    assert_eq!(
+        (o.kind, o.stage),
+        (OutcomeKind::Bounced, Stage::Mail),
+        "{o:?}"
+    );
     assert_eq!(
         o.text,
         "message contains 8-bit data and the server does not offer 8BITMIME; it cannot be \
@@ -202,7 +226,7 @@ async fn f4_without_8bitmime_the_message_is_made_7bit_clean() {
     );
     let r = campaign(&format!("{FROM_TO}Subject: ok\n\nfine\n"), &["email"]);
     assert_eq!(
-        send(&p, &r, "a@example.com", &[]).await.kind,
+        send(&p, &r, "a@example.com", &["a@example.com"]).await.kind,
         OutcomeKind::Delivered
     );
     assert_eq!(peer.count(), 2);
@@ -222,10 +246,17 @@ async fn f5_idn_domains_go_as_a_labels_and_utf8_local_parts_need_smtputf8() {
         meta["rcpt_tos"],
         serde_json::json!(["user@xn--bcher-kva.example"])
     );
-    assert_eq!(header(&m, "To").as_deref(), Some("user@xn--bcher-kva.example"));
+    assert_eq!(
+        header(&m, "To").as_deref(),
+        Some("user@xn--bcher-kva.example")
+    );
 
     let o = send(&p, &r, "ñandú@example.com", &["ñandú@example.com"]).await;
-    assert_eq!((o.kind, o.stage), (OutcomeKind::Bounced, Stage::Mail), "{o:?}");
+    assert_eq!(
+        (o.kind, o.stage),
+        (OutcomeKind::Bounced, Stage::Mail),
+        "{o:?}"
+    );
     assert_eq!(
         o.text,
         "recipient ñandú@example.com needs SMTPUTF8 (non-ASCII local part) and the server does \
@@ -278,8 +309,9 @@ async fn f6_merge_values_never_add_header_fields() {
         );
         assert_eq!(meta["rcpt_tos"], serde_json::json!(["alice@example.com"]));
         let to = header(&m, "To").unwrap();
+        // One mailbox: the hostile text is at most part of its (quoted) display name.
         assert!(to.ends_with("<alice@example.com>"), "{to}");
-        assert!(!to.contains("someone@") && !to.contains("continued@"), "{to}");
+        assert_eq!(to.matches('<').count(), 1, "{to}");
     }
 }
 
@@ -295,9 +327,18 @@ async fn f7_display_names_are_quoted_or_encoded() {
     );
     let cases = [
         ("Doe, Jane", r#""Doe, Jane" <jane@example.com>"#),
-        ("Support (Billing)", r#""Support (Billing)" <jane@example.com>"#),
-        (r#"Jane "JJ" \ Doe"#, r#""Jane \"JJ\" \\ Doe" <jane@example.com>"#),
-        ("Zoë Example", "=?UTF-8?B?Wm/DqyBFeGFtcGxl?= <jane@example.com>"),
+        (
+            "Support (Billing)",
+            r#""Support (Billing)" <jane@example.com>"#,
+        ),
+        (
+            r#"Jane "JJ" \ Doe"#,
+            r#""Jane \"JJ\" \\ Doe" <jane@example.com>"#,
+        ),
+        (
+            "Zoë Example",
+            "=?UTF-8?B?Wm/DqyBFeGFtcGxl?= <jane@example.com>",
+        ),
         ("", "jane@example.com"),
         ("Jane Doe", "Jane Doe <jane@example.com>"),
     ];
@@ -327,7 +368,10 @@ async fn f8_bcc_in_the_template_never_reaches_recipients() {
     let (m, meta) = peer.message(1);
     assert_eq!(header_names(&m), ["from", "to", "subject", "message-id"]);
     let text = String::from_utf8_lossy(&m).to_ascii_lowercase();
-    assert!(!text.contains("boss@") && !text.contains("audit@"), "{text}");
+    assert!(
+        !text.contains("boss@") && !text.contains("audit@"),
+        "{text}"
+    );
     assert_eq!(meta["rcpt_tos"], serde_json::json!(["a@example.com"]));
 }
 
@@ -336,13 +380,27 @@ fn dkim_key(algorithm: DkimAlgorithm) -> (String, String) {
     let dir = temp_dir("dkim-key");
     let (gen_args, k): (&[&str], &str) = match algorithm {
         DkimAlgorithm::RsaSha256 => (
-            &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "k.pem"],
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+                "k.pem",
+            ],
             "rsa",
         ),
-        DkimAlgorithm::Ed25519Sha256 => (&["genpkey", "-algorithm", "ed25519", "-out", "k.pem"], "ed25519"),
+        DkimAlgorithm::Ed25519Sha256 => (
+            &["genpkey", "-algorithm", "ed25519", "-out", "k.pem"],
+            "ed25519",
+        ),
     };
     openssl(&dir, gen_args);
-    let mut der = openssl(&dir, &["pkey", "-in", "k.pem", "-pubout", "-outform", "DER"]);
+    let mut der = openssl(
+        &dir,
+        &["pkey", "-in", "k.pem", "-pubout", "-outform", "DER"],
+    );
     if algorithm == DkimAlgorithm::Ed25519Sha256 {
         // RFC 8463: the record holds the raw 32-byte key, not the SubjectPublicKeyInfo.
         der = der[der.len() - 32..].to_vec();
@@ -353,14 +411,20 @@ fn dkim_key(algorithm: DkimAlgorithm) -> (String, String) {
     let _ = std::fs::remove_dir_all(&dir);
     (
         pem,
-        format!("v=DKIM1; k={k}; p={}", String::from_utf8(b64).unwrap().trim()),
+        format!(
+            "v=DKIM1; k={k}; p={}",
+            String::from_utf8(b64).unwrap().trim()
+        ),
     )
 }
 
 /// dkimpy's verdict on a stored message: Ok on pass, Err(reason) otherwise.
 fn dkimpy(path: &std::path::Path, txt: &str) -> Result<(), String> {
     let out = std::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/dkim_verify.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/peers/dkim_verify.py"
+        ))
         .arg(path)
         .args(["s1", "example.com", txt])
         .output()
@@ -375,10 +439,14 @@ fn dkimpy(path: &std::path::Path, txt: &str) -> Result<(), String> {
         "the DKIM test needs dkimpy and pynacl for python3 (`python3 -m pip install dkimpy \
          pynacl`, or Debian python3-dkim python3-nacl): {said}"
     );
-    if out.status.success() { Ok(()) } else { Err(said) }
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(said)
+    }
 }
 
-async fn dkim_round_trip(algorithm: DkimAlgorithm, peer_args: &[&str]) {
+async fn dkim_round_trip(algorithm: DkimAlgorithm, peer_args: &[&str], long: &str) {
     let Some(peer) = Peer::start("dkim", peer_args) else {
         return;
     };
@@ -398,14 +466,33 @@ async fn dkim_round_trip(algorithm: DkimAlgorithm, peer_args: &[&str]) {
         "From: News <news@example.com>\nTo: {{ name }} <{{ email }}>\nSubject: Grüße, {{ name }}\nDate: Mon, 1 Jan 2024 00:00:00 +0000\n\nHallo {{ name }},\n.dot line\n{{ long }}\n\n\n",
         &["email", "name", "long"],
     );
-    let long = format!("café {}", "z".repeat(1200));
-    let o = send(&p, &r, "zoe@example.com", &["zoe@example.com", "Zoë\nX", &long]).await;
+    let o = send(
+        &p,
+        &r,
+        "zoe@example.com",
+        &["zoe@example.com", "Zoë\nX", long],
+    )
+    .await;
     assert_eq!(o.kind, OutcomeKind::Delivered, "{o:?}");
     let (m, _) = peer.message(1);
-    assert!(m.starts_with(b"DKIM-Signature: v=1; a="), "{}", String::from_utf8_lossy(&m));
+    assert!(
+        m.starts_with(b"DKIM-Signature: v=1; a="),
+        "{}",
+        String::from_utf8_lossy(&m)
+    );
+    if peer_args.contains(&"--no-8bitmime") {
+        assert!(
+            m.is_ascii() && m.windows(6).any(|w| w == b"caf=C3"),
+            "{}",
+            String::from_utf8_lossy(&m)
+        );
+    }
     assert_clean(&m);
     dkimpy(&peer.message_path(1), &txt).unwrap_or_else(|e| {
-        panic!("dkimpy rejected the stored message: {e}\n{}", String::from_utf8_lossy(&m))
+        panic!(
+            "dkimpy rejected the stored message: {e}\n{}",
+            String::from_utf8_lossy(&m)
+        )
     });
     // The verifier really checks: one changed body byte fails it.
     let mut tampered = m.clone();
@@ -417,15 +504,31 @@ async fn dkim_round_trip(algorithm: DkimAlgorithm, peer_args: &[&str]) {
 
 #[tokio::test]
 async fn dkim_rsa_sha256_verifies_with_dkimpy() {
-    dkim_round_trip(DkimAlgorithm::RsaSha256, &[]).await;
+    dkim_round_trip(
+        DkimAlgorithm::RsaSha256,
+        &[],
+        &format!("café {}", "z".repeat(1200)),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn dkim_ed25519_verifies_with_dkimpy() {
-    dkim_round_trip(DkimAlgorithm::Ed25519Sha256, &[]).await;
+    dkim_round_trip(
+        DkimAlgorithm::Ed25519Sha256,
+        &[],
+        &format!("café {}", "z".repeat(1200)),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn dkim_signs_the_7bit_form_sent_to_a_server_without_8bitmime() {
-    dkim_round_trip(DkimAlgorithm::Ed25519Sha256, &["--no-8bitmime"]).await;
+    // Short lines: the body stays 8-bit through rendering and is converted by the session.
+    dkim_round_trip(
+        DkimAlgorithm::Ed25519Sha256,
+        &["--no-8bitmime"],
+        "café crème",
+    )
+    .await;
 }

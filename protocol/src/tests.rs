@@ -238,7 +238,10 @@ fn v1_fixture_frames_other_than_welcome_still_decode() {
     let bytes = std::fs::read(fixture("v1-frames.bin")).unwrap();
     let (expect_worker, expect_gov) = expected_frames(None);
     let mut r = &bytes[..];
-    assert!(read_frame::<_, ToWorker>(&mut r).is_err(), "v1 Welcome decoded as v2");
+    assert!(
+        read_frame::<_, ToWorker>(&mut r).is_err(),
+        "v1 Welcome decoded as v2"
+    );
     // Skip the rest of the v1 Welcome frame by its length prefix.
     let mut r = &bytes[..];
     let len = u32::from_be_bytes([r[0], r[1], r[2], r[3]]) as usize;

@@ -37,7 +37,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
 pub use dump::LEDGER;
-pub use policy::{DEFAULT_SEED, Decision, Policy, Verdict};
+pub use policy::{DEFAULT_SEED, Decision, Phase, Policy, Profile, Settings, Verdict};
 
 use dump::Dumper;
 use session::{Event, Received, Session};
@@ -58,8 +58,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub struct SinkOptions {
     /// Address to listen on; port 0 picks a free port (see [`SinkHandle::addr`]).
     pub listen: SocketAddr,
-    /// Delay before answering the final dot (simulates receiver work).
+    /// Delay before answering the final dot (simulates receiver work); the median when
+    /// `latency_sigma > 0`.
     pub latency_ms: u64,
+    /// Log-normal sigma of the delay (0: every message waits exactly `latency_ms`).
+    pub latency_sigma: f64,
     /// Percent of messages answered `451 4.3.0` after the dot.
     pub tempfail_pct: f64,
     /// Percent of messages answered `550 5.1.1` after the dot.
@@ -70,6 +73,8 @@ pub struct SinkOptions {
     /// `{"seq":..,"mail_from":..,"rcpt":[..],"bytes":..,"message_id":<Message-ID value or null>,"at":unix_seconds}`.
     /// `seq` numbers every message that reached its final dot, so failed ones leave gaps.
     pub dump: Option<PathBuf>,
+    /// Changes of latency and failures over time (empty: the options above throughout).
+    pub profile: Profile,
 }
 
 /// Counters shared with the serving thread; read them with [`SinkStats::snapshot`].
@@ -87,6 +92,8 @@ pub struct SinkStats {
     pub permfailed: AtomicU64,
     /// Content bytes (after dot-unstuffing) of accepted messages.
     pub bytes: AtomicU64,
+    /// Connections closed before the greeting because the profile refused them.
+    pub refused: AtomicU64,
 }
 
 /// A copy of [`SinkStats`] at one moment.
@@ -357,6 +364,12 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: onesh
             _ = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    if shared.policy.refuse(shared.started.elapsed()) {
+                        // The profile refuses connections now: close before the greeting.
+                        shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        drop(stream);
+                        continue;
+                    }
                     shared.stats.connections.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(connection(stream, peer, shared.clone()));
                 }

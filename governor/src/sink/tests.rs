@@ -12,9 +12,11 @@ fn options(tempfail_pct: f64, permfail_pct: f64, dump: Option<&Path>) -> SinkOpt
     SinkOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
         latency_ms: 0,
+        latency_sigma: 0.0,
         tempfail_pct,
         permfail_pct,
         dump: dump.map(Path::to_owned),
+        profile: Profile::default(),
     }
 }
 

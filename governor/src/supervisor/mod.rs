@@ -106,6 +106,7 @@ pub struct Supervisor {
     log_dir: PathBuf,
     workers: Vec<Worker>,
     next_incarnation: u64,
+    user: Option<spawn::Credentials>,
 }
 
 impl Supervisor {
@@ -116,7 +117,13 @@ impl Supervisor {
             log_dir,
             workers: Vec::new(),
             next_incarnation: 1,
+            user: None,
         }
+    }
+
+    /// Workers started from now on drop to `user` before exec (see [`spawn`]).
+    pub fn run_as(&mut self, user: Option<spawn::Credentials>) {
+        self.user = user;
     }
 
     /// Path of a slot's log file.
@@ -135,7 +142,8 @@ impl Supervisor {
             slot += 1;
         }
         let log_path = self.log_path(slot);
-        let spawn::Spawned { child, stream } = spawn::spawn(&self.worker_path, slot, &log_path)?;
+        let spawn::Spawned { child, stream } =
+            spawn::spawn(&self.worker_path, slot, &log_path, self.user)?;
         let incarnation = self.next_incarnation;
         self.next_incarnation += 1;
         // A worker that stops reading must not hang the governor: writes time out, and the

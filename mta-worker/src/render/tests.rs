@@ -483,7 +483,12 @@ fn long_body_line_without_cte_gets_one() {
     let m = text(&r);
     assert_eq!(
         header_names(&m),
-        ["subject", "content-transfer-encoding", "mime-version", "message-id"]
+        [
+            "subject",
+            "content-transfer-encoding",
+            "mime-version",
+            "message-id"
+        ]
     );
     assert_wire_clean(&r.bytes);
 }
@@ -644,4 +649,82 @@ fn corpus_messages_relay_unchanged() {
             }
         }
     }
+}
+
+#[test]
+fn seven_bit_converts_what_it_can_and_names_what_it_cannot() {
+    // ASCII is left alone.
+    let ascii = b"Subject: x\r\n\r\nhi\r\n";
+    assert_eq!(seven_bit(ascii).unwrap(), ascii);
+    // 8-bit unstructured header, display name and single-part text body.
+    let m = "From: Zoë <zoe@example.com>\r\nSubject: café\r\nX-Note: crème\r\n\r\nUn café\r\n";
+    let out = String::from_utf8(seven_bit(m.as_bytes()).unwrap()).unwrap();
+    assert!(out.is_ascii(), "{out}");
+    assert_wire_clean(out.as_bytes());
+    assert_eq!(
+        header_value(&out, "From"),
+        "=?UTF-8?B?Wm/Dqw==?= <zoe@example.com>"
+    );
+    assert_eq!(decode_words(&header_value(&out, "Subject")), "café");
+    assert_eq!(decode_words(&header_value(&out, "X-Note")), "crème");
+    assert_eq!(
+        header_value(&out, "Content-Type"),
+        "text/plain; charset=utf-8"
+    );
+    assert_eq!(header_value(&out, "MIME-Version"), "1.0");
+    assert_eq!(
+        qp_decode(out.split("\r\n\r\n").nth(1).unwrap()),
+        "Un café\r\n"
+    );
+    // An existing 8bit declaration is replaced, not duplicated.
+    let m = "Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n<p>é</p>\r\n";
+    let out = String::from_utf8(seven_bit(m.as_bytes()).unwrap()).unwrap();
+    assert_eq!(out.matches("Content-Transfer-Encoding").count(), 1, "{out}");
+    assert_eq!(
+        header_value(&out, "Content-Type"),
+        "text/html; charset=utf-8"
+    );
+
+    for (m, want) in [
+        (
+            "Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\né\r\n--b--\r\n",
+            "multipart body contains 8-bit data",
+        ),
+        (
+            "Content-Type: application/octet-stream\r\n\r\n\u{e9}\r\n",
+            "the application/octet-stream body contains 8-bit data",
+        ),
+        (
+            "Content-Transfer-Encoding: base64\r\n\r\né\r\n",
+            "declared base64 but contains 8-bit data",
+        ),
+        (
+            "To: ñandú@example.com\r\n\r\nx\r\n",
+            "the To header field contains 8-bit text",
+        ),
+        (
+            "References: <café@x>\r\n\r\nx\r\n",
+            "the References header field contains 8-bit text",
+        ),
+    ] {
+        let e = seven_bit(m.as_bytes()).unwrap_err();
+        assert!(e.contains(want), "{m:?}: {e}");
+    }
+    let e = seven_bit(b"Subject: x\r\n\r\n\xff\xfe\r\n").unwrap_err();
+    assert!(e.contains("not UTF-8"), "{e}");
+}
+
+#[test]
+fn overlong_template_header_line_is_a_template_error() {
+    let t = format!("Subject: {}\n\nbody\n", "x".repeat(1000));
+    let e = check_template(&t, &[]).unwrap_err();
+    assert_eq!(
+        e,
+        RenderError::Template {
+            line: Some(1),
+            message: "header line is 1009 octets long, more than the 998 allowed; fold it onto \
+                      continuation lines starting with a space"
+                .into()
+        }
+    );
 }

@@ -1,5 +1,6 @@
-//! Session tests against a scripted SMTP server that plays exact reply bytes (FAULTS.md F1,
-//! F4, F5, F9-F12).
+//! Session tests against a scripted SMTP server that plays exact reply bytes, split across
+//! writes where it matters (FAULTS.md F1, F2, F4, F5, F9-F14; the message-bytes cases are also
+//! checked through a real receiver in `tests/receiver.rs`, TLS in `tests/tls.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
 use super::*;
+use crate::outcome::Classified;
 
 /// One step of a scripted connection.
 #[derive(Clone)]
@@ -426,7 +428,8 @@ async fn pipelining_and_8bitmime_parameters() {
 
 #[tokio::test]
 async fn missing_extensions_bounce_with_a_clear_reason() {
-    // F4 and F5: no 8BITMIME, no SMTPUTF8; nothing is sent for either job.
+    // F4 and F5: no 8BITMIME, no SMTPUTF8; nothing is sent for either job. (A single-part
+    // text body would be converted to quoted-printable instead: tests/receiver.rs.)
     let conn = vec![
         GREET,
         Expect("EHLO"),
@@ -436,7 +439,10 @@ async fn missing_extensions_bounce_with_a_clear_reason() {
     let (port, seen) = server(vec![conn]).await;
     let p = pool(port, fast());
     let d = p
-        .deliver("news@example.com", &msg("Subject: x\r\n\r\ncafé\r\n"))
+        .deliver(
+            "news@example.com",
+            &msg("Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\ncafé\r\n--b--\r\n"),
+        )
         .await;
     assert_eq!(
         (d.outcome.kind, d.outcome.stage),
@@ -502,8 +508,8 @@ async fn required_tls_without_starttls_never_sends_mail() {
     assert!(!text.contains("AUTH") && !text.contains("MAIL"), "{text}");
 }
 
-fn tls_pool(port: u16, tls: TlsMode) -> Pool {
-    let relay = Relay {
+fn tls_pool_relay(port: u16, tls: TlsMode) -> Relay {
+    Relay {
         host: "localhost".into(),
         port,
         tls,
@@ -511,8 +517,11 @@ fn tls_pool(port: u16, tls: TlsMode) -> Pool {
         helo: "worker.test".into(),
         ca_file: None,
         insecure_skip_verify: false,
-    };
-    Pool::new(relay, fast(), 1).unwrap()
+    }
+}
+
+fn tls_pool(port: u16, tls: TlsMode) -> Pool {
+    Pool::new(tls_pool_relay(port, tls), fast(), 1).unwrap()
 }
 
 const EHLO_TLS: [Step; 2] = [
@@ -566,4 +575,452 @@ async fn required_tls_never_downgrades() {
         1,
         "no plain retry in required mode"
     );
+}
+
+#[test]
+fn normalising_line_endings_is_idempotent() {
+    for input in [
+        &b"Hi\n.\nBye\r\na\rb\r\n"[..],
+        b"abc\r\n",
+        b"abc",
+        b"\r\r\n\n",
+        b"",
+    ] {
+        let once = normalize_line_endings(input);
+        assert_eq!(normalize_line_endings(&once), once, "{input:?}");
+        assert!(once.windows(2).all(|w| w != b"\r\r"), "no CR CR: {once:?}");
+    }
+    assert_eq!(normalize_line_endings(b"abc\r\n"), b"abc\r\n");
+    assert_eq!(normalize_line_endings(b"\r\r\n\n"), b"\r\n\r\n\r\n");
+}
+
+fn text_of(seen: &[u8]) -> String {
+    String::from_utf8_lossy(seen).into_owned()
+}
+
+#[tokio::test]
+async fn f9_negative_greeting_quits_and_keeps_the_whole_reply() {
+    let (port, seen) = server(vec![
+        vec![Send(&["421 4.7.0 Try again later\r\n"])],
+        vec![
+            Send(&["554-5.7.1 not allowed\r\n", "554 5.7.1 go away\r\n"]),
+            Expect("QUIT"),
+            Send(&["221 bye\r\n"]),
+        ],
+    ])
+    .await;
+    let p = pool(port, fast());
+    let d = p.deliver("news@example.com", &msg("x")).await.outcome;
+    assert_eq!(
+        (
+            d.kind,
+            d.stage,
+            d.code,
+            d.enhanced.as_deref(),
+            d.text.as_str()
+        ),
+        (
+            OutcomeKind::Deferred,
+            Stage::Greeting,
+            421,
+            Some("4.7.0"),
+            "4.7.0 Try again later"
+        )
+    );
+    let d = p.deliver("news@example.com", &msg("x")).await.outcome;
+    assert_eq!(
+        (
+            d.kind,
+            d.stage,
+            d.code,
+            d.enhanced.as_deref(),
+            d.text.as_str()
+        ),
+        (
+            OutcomeKind::Bounced,
+            Stage::Greeting,
+            554,
+            Some("5.7.1"),
+            "5.7.1 not allowed go away"
+        )
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let seen = seen.lock().await;
+    assert_eq!(text_of(&seen[1]), "QUIT\r\n", "QUIT and nothing else");
+}
+
+/// Runs one job against a connection whose script ends in `fail`, then a second job that must
+/// go over a fresh connection.
+async fn fails_then_fresh(fail: Vec<Step>, t: Timeouts) -> (Classified, Vec<Vec<u8>>) {
+    let second = script(vec![vec![GREET], EHLO_PLAIN.to_vec(), ok_transaction()]);
+    let (port, seen) = server(vec![fail, second]).await;
+    let p = pool(port, t);
+    let start = std::time::Instant::now();
+    let d = p
+        .deliver("news@example.com", &msg("Subject: x\r\n\r\nhi\r\n"))
+        .await;
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let d2 = p
+        .deliver("news@example.com", &msg("Subject: x\r\n\r\nhi\r\n"))
+        .await;
+    assert_eq!(d2.outcome.kind, OutcomeKind::Delivered, "{:?}", d2.outcome);
+    let seen = seen.lock().await.clone();
+    assert_eq!(seen.len(), 2, "the second job used a fresh connection");
+    (d.outcome, seen)
+}
+
+#[tokio::test]
+async fn f10_421_at_any_stage_defers_and_closes_the_connection() {
+    let upto = |stage: Stage| -> Vec<Step> {
+        let mut v = vec![GREET, Expect("EHLO")];
+        let reply_421 = Send(&["421-4.4.2 closing\r\n", "421 4.4.2 connection\r\n"]);
+        if stage == Stage::Ehlo {
+            v.push(reply_421);
+            return v;
+        }
+        v.push(EHLO_PLAIN[1].clone());
+        for (st, cmd, ok) in [
+            (Stage::Mail, "MAIL FROM:", "250 Ok\r\n"),
+            (Stage::Rcpt, "RCPT TO:", "250 Ok\r\n"),
+            (Stage::Data, "DATA", "354 go\r\n"),
+        ] {
+            v.push(Expect(cmd));
+            if st == stage {
+                v.push(reply_421);
+                return v;
+            }
+            v.push(Send(match ok {
+                "250 Ok\r\n" => &["250 Ok\r\n"],
+                _ => &["354 go\r\n"],
+            }));
+        }
+        v.push(Data);
+        v.push(reply_421);
+        v
+    };
+    for stage in [
+        Stage::Ehlo,
+        Stage::Mail,
+        Stage::Rcpt,
+        Stage::Data,
+        Stage::FinalDot,
+    ] {
+        let (o, seen) = fails_then_fresh(upto(stage), fast()).await;
+        assert_eq!(
+            (o.kind, o.stage, o.code, o.text.as_str(), o.reusable),
+            (
+                OutcomeKind::Deferred,
+                stage,
+                421,
+                "4.4.2 closing connection",
+                false
+            ),
+            "421 at {stage:?}"
+        );
+        let first = text_of(&seen[0]);
+        assert!(!first.contains("RSET"), "{stage:?}: {first}");
+    }
+}
+
+#[tokio::test]
+async fn f11_every_stage_has_a_deadline() {
+    let t = Timeouts {
+        ehlo_ms: 300,
+        mail_ms: 300,
+        rcpt_ms: 300,
+        data_ms: 300,
+        ..fast()
+    };
+    let cases: Vec<(Stage, Vec<Step>)> = vec![
+        (Stage::Greeting, vec![Hang(2000)]),
+        (Stage::Ehlo, vec![GREET, Expect("EHLO"), Hang(2000)]),
+        (
+            Stage::Mail,
+            script(vec![
+                vec![GREET],
+                EHLO_PLAIN.to_vec(),
+                vec![Expect("MAIL"), Hang(2000)],
+            ]),
+        ),
+        (
+            Stage::Rcpt,
+            script(vec![
+                vec![GREET],
+                EHLO_PLAIN.to_vec(),
+                vec![
+                    Expect("MAIL"),
+                    Send(&["250 Ok\r\n"]),
+                    Expect("RCPT"),
+                    Hang(2000),
+                ],
+            ]),
+        ),
+        (
+            Stage::Data,
+            script(vec![
+                vec![GREET],
+                EHLO_PLAIN.to_vec(),
+                vec![
+                    Expect("MAIL"),
+                    Send(&["250 Ok\r\n"]),
+                    Expect("RCPT"),
+                    Send(&["250 Ok\r\n"]),
+                    Expect("DATA"),
+                    Hang(2000),
+                ],
+            ]),
+        ),
+    ];
+    for (stage, steps) in cases {
+        let (o, _) = fails_then_fresh(steps, t.clone()).await;
+        assert_eq!(
+            (o.kind, o.stage, o.code, o.reusable),
+            (OutcomeKind::Deferred, stage, 0, false),
+            "{o:?}"
+        );
+        assert!(o.text.starts_with("timed out at"), "{}", o.text);
+    }
+}
+
+#[tokio::test]
+async fn f11_timeout_after_the_final_dot_is_in_doubt_not_failed() {
+    // The server would answer after 45 s; the deadline here is 300 ms.
+    let steps = script(vec![
+        vec![GREET],
+        EHLO_PLAIN.to_vec(),
+        vec![
+            Expect("MAIL"),
+            Send(&["250 Ok\r\n"]),
+            Expect("RCPT"),
+            Send(&["250 Ok\r\n"]),
+            Expect("DATA"),
+            Send(&["354 go\r\n"]),
+            Data,
+            Hang(2000),
+        ],
+    ]);
+    let (o, _) = fails_then_fresh(steps, fast()).await;
+    assert_eq!(
+        (o.kind, o.stage, o.code, o.reusable),
+        (OutcomeKind::InDoubt, Stage::FinalDot, 0, false)
+    );
+    assert_eq!(
+        o.text,
+        "timed out waiting for the reply after the final dot; the message may have been delivered"
+    );
+}
+
+#[tokio::test]
+async fn f11_server_that_stops_reading_mid_data() {
+    let steps = script(vec![
+        vec![GREET],
+        EHLO_PLAIN.to_vec(),
+        vec![
+            Expect("MAIL"),
+            Send(&["250 Ok\r\n"]),
+            Expect("RCPT"),
+            Send(&["250 Ok\r\n"]),
+            Expect("DATA"),
+            Send(&["354 go\r\n"]),
+            // Never reads the message: the client's writes block once the buffers are full.
+            Hang(10_000),
+        ],
+    ]);
+    let (port, seen) = server(vec![steps]).await;
+    let t = Timeouts {
+        data_ms: 500,
+        ..fast()
+    };
+    let p = pool(port, t);
+    // Far more than loopback socket buffers hold.
+    let line = "y".repeat(990) + "\r\n";
+    let m = msg(&format!("Subject: big\r\n\r\n{}", line.repeat(16 * 1024)));
+    let start = std::time::Instant::now();
+    let o = p.deliver("news@example.com", &m).await.outcome;
+    // Bounded by the deadline, not by the server giving up (10 s).
+    assert!(
+        start.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        start.elapsed()
+    );
+    // The final dot was never sent, so nothing can have been delivered: deferred, not in doubt.
+    assert_eq!(
+        (o.kind, o.stage, o.text.as_str(), o.reusable),
+        (
+            OutcomeKind::Deferred,
+            Stage::Data,
+            "timed out at DATA",
+            false
+        )
+    );
+    assert_eq!(seen.lock().await.len(), 1);
+}
+
+#[tokio::test]
+async fn f12_a_refused_rset_means_a_fresh_connection_never_a_nested_mail() {
+    let steps = script(vec![
+        vec![GREET],
+        EHLO_PLAIN.to_vec(),
+        vec![
+            Expect("MAIL FROM:"),
+            Send(&["250 Ok\r\n"]),
+            Expect("RCPT TO:"),
+            Send(&["450 4.7.0 rate limit\r\n"]),
+            Expect("RSET"),
+            Send(&["500 5.5.1 what?\r\n"]),
+        ],
+    ]);
+    let (o, seen) = fails_then_fresh(steps, fast()).await;
+    assert_eq!(
+        (o.kind, o.stage, o.code, o.text.as_str()),
+        (OutcomeKind::Deferred, Stage::Rcpt, 450, "4.7.0 rate limit")
+    );
+    let first = text_of(&seen[0]);
+    assert_eq!(first.matches("MAIL FROM").count(), 1, "{first}");
+}
+
+#[tokio::test]
+async fn f12_pipelined_failure_is_reset_before_the_next_mail() {
+    let conn = vec![
+        GREET,
+        Expect("EHLO"),
+        Send(&["250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"]),
+        Expect("MAIL FROM:"),
+        Expect("RCPT TO:"),
+        Send(&["450 4.7.1 too much mail\r\n", "503 5.5.1 need MAIL\r\n"]),
+        Expect("RSET"),
+        Send(&["250 2.0.0 Ok\r\n"]),
+        Expect("MAIL FROM:"),
+        Expect("RCPT TO:"),
+        Send(&["250 Ok\r\n250 Ok\r\n"]),
+        Expect("DATA"),
+        Send(&["354 go\r\n"]),
+        Data,
+        Send(&["250 2.0.0 queued\r\n"]),
+    ];
+    let (port, seen) = server(vec![conn]).await;
+    let p = pool(port, fast());
+    let o = p.deliver("news@example.com", &msg("x")).await.outcome;
+    assert_eq!(
+        (o.kind, o.stage, o.code, o.text.as_str()),
+        (
+            OutcomeKind::Deferred,
+            Stage::Mail,
+            450,
+            "4.7.1 too much mail"
+        )
+    );
+    let o = p.deliver("news@example.com", &msg("x")).await.outcome;
+    assert_eq!(o.kind, OutcomeKind::Delivered, "{o:?}");
+    let seen = seen.lock().await;
+    assert_eq!(seen.len(), 1);
+    let t = text_of(&seen[0]);
+    let rset = t.find("RSET").unwrap();
+    assert!(
+        t.rfind("MAIL FROM").unwrap() > rset && t.find("MAIL FROM").unwrap() < rset,
+        "{t}"
+    );
+}
+
+#[tokio::test]
+async fn f13_broken_starttls_with_credentials_never_sends_auth_in_clear_text() {
+    let plain = vec![
+        GREET,
+        Expect("EHLO"),
+        Send(&["250-sink.test\r\n250-STARTTLS\r\n250 AUTH PLAIN LOGIN\r\n"]),
+        Hang(500),
+    ];
+    let (port, seen) = server(vec![broken_starttls(), plain]).await;
+    for tls in [TlsMode::Opportunistic, TlsMode::Required] {
+        let relay = Relay {
+            auth: Some(protocol::Auth {
+                username: "u".into(),
+                password: "secret".into(),
+            }),
+            ..tls_pool_relay(port, tls)
+        };
+        let p = Pool::new(relay, fast(), 1).unwrap();
+        let o = p.deliver("news@example.com", &msg("x")).await.outcome;
+        assert_eq!(o.kind, OutcomeKind::Deferred, "{tls:?}: {o:?}");
+        if tls == TlsMode::Opportunistic {
+            assert_eq!(
+                (o.stage, o.text.as_str()),
+                (
+                    Stage::Ehlo,
+                    "AUTH failed: refusing to send AUTH over a connection without TLS"
+                )
+            );
+        }
+    }
+    let seen = seen.lock().await;
+    for conn in seen.iter() {
+        let t = text_of(conn);
+        assert!(!t.contains("AUTH") && !t.contains("MAIL"), "{t}");
+    }
+}
+
+#[tokio::test]
+async fn f14_throttling_replies_are_deferred_once_never_bounced() {
+    let (port, seen) = server(vec![
+        vec![Send(&["421 4.3.2 Too many connections\r\n"])],
+        script(vec![
+            vec![GREET],
+            EHLO_PLAIN.to_vec(),
+            vec![
+                Expect("MAIL FROM:"),
+                Send(&["450 4.7.1 too much mail\r\n"]),
+                Hang(500),
+            ],
+        ]),
+        // A third connection would mean the worker retried by itself.
+        vec![GREET, Hang(500)],
+    ])
+    .await;
+    let p = pool(port, fast());
+    let o = p.deliver("news@example.com", &msg("x")).await.outcome;
+    assert_eq!(
+        (
+            o.kind,
+            o.stage,
+            o.code,
+            o.enhanced.as_deref(),
+            o.text.as_str()
+        ),
+        (
+            OutcomeKind::Deferred,
+            Stage::Greeting,
+            421,
+            Some("4.3.2"),
+            "4.3.2 Too many connections"
+        )
+    );
+    let o = p.deliver("news@example.com", &msg("x")).await.outcome;
+    assert_eq!(
+        (
+            o.kind,
+            o.stage,
+            o.code,
+            o.enhanced.as_deref(),
+            o.text.as_str()
+        ),
+        (
+            OutcomeKind::Deferred,
+            Stage::Mail,
+            450,
+            Some("4.7.1"),
+            "4.7.1 too much mail"
+        )
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = seen.lock().await;
+    assert_eq!(
+        seen.len(),
+        2,
+        "one connection per attempt, no retry loop in the worker"
+    );
+    assert_eq!(text_of(&seen[1]).matches("MAIL FROM").count(), 1);
 }

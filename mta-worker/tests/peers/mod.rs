@@ -41,10 +41,7 @@ pub fn have_aiosmtpd() -> bool {
 pub fn temp_dir(name: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let d = std::env::temp_dir().join(format!(
-        "mta-worker-{name}-{}-{n}",
-        std::process::id()
-    ));
+    let d = std::env::temp_dir().join(format!("mta-worker-{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -124,10 +121,21 @@ impl Peer {
 
     /// For every AUTH command received: whether the connection was encrypted at that moment.
     pub fn auth_events(&self) -> Vec<bool> {
+        self.auth_log().into_iter().map(|(_, tls)| tls).collect()
+    }
+
+    /// For every AUTH command received: its mechanism and whether the connection was encrypted.
+    pub fn auth_log(&self) -> Vec<(String, bool)> {
         std::fs::read_to_string(self.dir.join("events.jsonl"))
             .unwrap_or_default()
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["tls"] == true)
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["mechanism"].as_str().unwrap_or("").to_string(),
+                    v["tls"] == true,
+                )
+            })
             .collect()
     }
 }
@@ -224,16 +232,36 @@ impl Certs {
     /// Generates them with the `openssl` command (EC P-256, valid two days).
     pub fn generate() -> Certs {
         let dir = temp_dir("certs");
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
         let mut args = vec!["req", "-x509"];
         args.extend(ec);
         args.extend([
-            "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=governor test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=governor test CA",
         ]);
         openssl(&dir, &args);
         let mut args = vec!["req"];
         args.extend(ec);
-        args.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
+        args.extend([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
         openssl(&dir, &args);
         std::fs::write(
             dir.join("ext.cnf"),
@@ -244,8 +272,21 @@ impl Certs {
         openssl(
             &dir,
             &[
-                "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf",
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
             ],
         );
         Certs {
@@ -325,7 +366,12 @@ pub fn body(msg: &[u8]) -> &[u8] {
 /// The unfolded value of the first header field `name`.
 pub fn header(msg: &[u8], name: &str) -> Option<String> {
     let text = String::from_utf8_lossy(msg).to_string();
-    let head = text.split("\r\n\r\n").next().unwrap_or("").replace("\r\n ", " ").replace("\r\n\t", " ");
+    let head = text
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .replace("\r\n ", " ")
+        .replace("\r\n\t", " ");
     head.split("\r\n").find_map(|l| {
         let (n, v) = l.split_once(':')?;
         n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())

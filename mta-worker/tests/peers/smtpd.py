@@ -57,7 +57,9 @@ class Handler:
             "mail_options": envelope.mail_options,
             "tls": server.transport.get_extra_info("sslcontext") is not None
             or session.ssl is not None,
-            "auth": session.login_data.decode() if session.login_data else None,
+            "auth": session.auth_data.login.decode()
+            if isinstance(session.auth_data, LoginPassword)
+            else None,
         }
         with open(base + ".json.tmp", "w") as f:
             json.dump(meta, f)
@@ -75,7 +77,8 @@ class Recording(SMTP):
             and self.transport.get_extra_info("sslcontext") is not None
         )
         with open(os.path.join(self.event_dir, "events.jsonl"), "a") as f:
-            f.write(json.dumps({"cmd": "AUTH", "tls": tls}) + "\n")
+            mechanism = arg.split()[0].upper() if arg else ""
+            f.write(json.dumps({"cmd": "AUTH", "mechanism": mechanism, "tls": tls}) + "\n")
         return await super().smtp_AUTH(arg)
 
 
@@ -93,7 +96,8 @@ def main():
             and auth_data.login.decode() == user
             and auth_data.password.decode() == password
         )
-        return AuthResult(success=ok)
+        # handled=False: aiosmtpd answers a failure with 535 itself.
+        return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
     handler = Handler(args)
 
