@@ -137,6 +137,11 @@ pub struct Recipients {
     field_max: usize,
     error: Option<CampaignError>,
     done: bool,
+    /// 1-based line of the next unread byte. Counted here, not by csv_core, which counts LF
+    /// only: a file with CR line ends would put every row on line 1.
+    line: u64,
+    /// The last byte read was a CR (so an LF right after it ends no further line).
+    after_cr: bool,
 }
 
 impl std::fmt::Debug for Recipients {
@@ -144,7 +149,7 @@ impl std::fmt::Debug for Recipients {
         f.debug_struct("Recipients")
             .field("path", &self.path)
             .field("fields", &self.fields)
-            .field("line", &self.core.line())
+            .field("line", &self.line)
             .finish()
     }
 }
@@ -167,6 +172,8 @@ impl Recipients {
             field_max: field_max_bytes.max(1),
             error: None,
             done: false,
+            line: 1,
+            after_cr: false,
         };
         let header = match r.read_raw(MAX_COLUMNS + 1) {
             Ok(Some(h)) => h,
@@ -294,16 +301,15 @@ impl Recipients {
                 .iter()
                 .take_while(|&&b| b == b'\r' || b == b'\n')
                 .count();
-            let newlines = buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+            count_line_ends(&mut self.line, &mut self.after_cr, &buf[..n]);
             let more = n == buf.len();
             self.input.consume(n);
-            self.core.set_line(self.core.line() + newlines);
             if !more {
                 break;
             }
         }
         let mut rec = RawRecord {
-            line: self.core.line(),
+            line: self.line,
             fields: Vec::new(),
             count: 0,
             oversize: None,
@@ -313,6 +319,7 @@ impl Recipients {
         loop {
             let input = self.input.fill_buf()?;
             let (res, nin, nout) = self.core.read_field(input, &mut self.scratch);
+            count_line_ends(&mut self.line, &mut self.after_cr, &input[..nin]);
             self.input.consume(nin);
             cur_len += nout as u64;
             if rec.count < keep_fields && cur.len() < self.field_max {
@@ -421,6 +428,17 @@ impl Iterator for Recipients {
                 None
             }
         }
+    }
+}
+
+/// Advances `line` over `bytes`: CRLF, a lone LF and a lone CR each end one line (csv_core
+/// accepts all three as record terminators).
+fn count_line_ends(line: &mut u64, after_cr: &mut bool, bytes: &[u8]) {
+    for &b in bytes {
+        if b == b'\r' || (b == b'\n' && !*after_cr) {
+            *line += 1;
+        }
+        *after_cr = b == b'\r';
     }
 }
 
@@ -911,6 +929,28 @@ pub(crate) mod tests {
         assert!(
             matches!(&rows[0], Row::Valid { line: 2, values, .. } if values[1] == "open\nb@example.com,B\n")
         );
+    }
+
+    /// Regression (found by the recipients_csv fuzz target): with CR line ends every row was
+    /// reported on line 1, because only LF was counted.
+    #[test]
+    fn cr_only_and_mixed_line_ends_number_rows_by_physical_line() {
+        let lines = |content: &[u8]| -> Vec<u64> {
+            let (p, _d) = tmp("cr-lines", content);
+            Recipients::open(&p, 100).unwrap().map(|r| r.line()).collect()
+        };
+        assert_eq!(lines(b"email,n\ra@example.com,1\rb@example.com,2\r"), [2, 3]);
+        assert_eq!(
+            lines(b"email,n\r\na@x.org,\"q\rq\"\nb@x.org,2\rc@x.org,3\r\n\r\rd@x.org,4"),
+            [2, 4, 5, 8]
+        );
+        // CRLF split across the read buffer still counts once.
+        let mut big = b"email,n\r\n".to_vec();
+        big.resize(READ_BUFFER, b'\r');
+        big.extend_from_slice(b"\na@x.org,1\r\n");
+        let (p, _d) = tmp("cr-split", &big);
+        let first = Recipients::open(&p, 100).unwrap().next().unwrap();
+        assert_eq!(first.line(), 2 + (READ_BUFFER - 9) as u64);
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub enum ControlMode {
     Periodic,
     /// On every batch of outcomes, at most every [`CONTINUOUS_MIN_GAP`].
     Continuous,
+    /// No controller: `min_workers` workers and the pacer at the target, as a
+    /// static-concurrency MTA does (for comparisons; measurements are still logged).
+    Off,
 }
 
 /// Shortest time between two decisions in continuous mode.
@@ -646,10 +649,11 @@ impl Config {
         let control = match raw.control.as_deref().unwrap_or("periodic") {
             "periodic" => ControlMode::Periodic,
             "continuous" => ControlMode::Continuous,
+            "off" => ControlMode::Off,
             other => {
                 return Err(c.err(
                     "control",
-                    format!("must be \"periodic\" or \"continuous\" (got {other:?})"),
+                    format!("must be \"periodic\", \"continuous\" or \"off\" (got {other:?})"),
                 ));
             }
         };

@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 
 /// Extra capacity over the exact need, so that queueing for a free session never limits the
 /// rate (the pacer, not the worker count, does the fine control). See scripts/bench-control.
-pub const HEADROOM: f64 = 1.10;
+pub const HEADROOM: f64 = 1.05;
 /// Time constant of the busy-worker efficiency's smoothing when it rises, seconds.
 pub const EWMA_TAU_S: f64 = 2.0;
 /// A sample this far below the estimate (ratio) replaces it at once: a slowdown must be
@@ -51,11 +51,11 @@ pub const FAST_DROP: f64 = 0.8;
 /// Utilization below which a window says too little about a busy worker to update E_busy.
 pub const MIN_UTIL_SAMPLE: f64 = 0.05;
 /// Proportional gain of the trim (per unit of rate error, msgs/s per msgs/s).
-pub const KP: f64 = 0.3;
+pub const KP: f64 = 0.1;
 /// Integral gain of the trim, per second.
-pub const KI: f64 = 0.5;
+pub const KI: f64 = 0.3;
 /// Relative rate error inside which the integral leaks instead of growing.
-pub const ERROR_BAND: f64 = 0.02;
+pub const ERROR_BAND: f64 = 0.03;
 /// Time constant of that leak, seconds.
 pub const LEAK_TAU_S: f64 = 20.0;
 /// The integral never exceeds this share of the rate.
@@ -538,7 +538,10 @@ pub fn decide(inp: &Inputs, prev: &State) -> Decision {
         match state.e_busy {
             Some(e) if e > 0.0 => {
                 let ff = rate * HEADROOM / e;
-                let err = if inp.backlog && w.attempts > 0 && rate_action != RateAction::Cut {
+                // The trim corrects what the feed-forward misses: a shortfall while the pool is
+                // still smaller than the feed-forward need (start-up, a step) is not one.
+                let sized = inp.starting == 0 && inp.workers as f64 >= (ff - 1e-9).ceil();
+                let err = if sized && inp.backlog && w.attempts > 0 && rate_action != RateAction::Cut {
                     rate - w.throughput
                 } else {
                     0.0
@@ -550,7 +553,7 @@ pub fn decide(inp: &Inputs, prev: &State) -> Decision {
                 let band = ERROR_BAND * rate;
                 if err.abs() <= band || idle {
                     state.integral = prev.integral * (-dt / LEAK_TAU_S).exp();
-                } else if inp.starting == 0 && !pushing_max && !pushing_min {
+                } else if !pushing_max && !pushing_min {
                     let lim = INTEGRAL_MAX * rate;
                     state.integral = (prev.integral + KI * err * dt).clamp(-lim, lim);
                 }
@@ -798,7 +801,7 @@ mod tests {
             &State::default(),
         );
         assert_eq!(d.state.e_busy, Some(100.0));
-        assert!((d.required - 1.1).abs() < 1e-9);
+        assert!((d.required - HEADROOM).abs() < 1e-9);
         assert_eq!(d.workers, 2, "{}", d.reason);
         assert!(d.reason.starts_with("scale down 4 -> 2"), "{}", d.reason);
         assert!((d.rate - 100.0).abs() < 1e-9);
@@ -897,11 +900,17 @@ mod tests {
     #[test]
     fn pi_trim_adds_workers_when_throughput_falls_short() {
         // E_busy says 10 workers suffice for 100/s, but only 80/s came through with work waiting.
-        let mut i = inputs(100.0, 11, window(80.0, 11.0, 0.8));
-        i.window.utilization = 0.8;
+        // (a busy worker still does 10/s: U = 80 / 110)
+        let mut i = inputs(100.0, 11, window(80.0, 11.0, 80.0 / 110.0));
         let s = with_e(10.0);
         let mut d = decide(&i, &s);
         assert!(d.trim > 0.0, "{}", d.reason);
+        // the same shortfall while the pool is still below the feed-forward need (start-up,
+        // a step up) is left to the feed-forward: no trim, no integral
+        let mut j = inputs(100.0, 5, window(40.0, 5.0, 0.8));
+        j.window.utilization = 40.0 / 50.0;
+        let dj = decide(&j, &s);
+        assert_eq!((dj.trim, dj.state.integral), (0.0, 0.0), "{}", dj.reason);
         // keeps integrating while the shortfall lasts
         let first = d.state.integral;
         for k in 0..3 {

@@ -2,9 +2,9 @@
 //! workers, efficiency, utilization (with the pushback share) and the retry limit over time,
 //! stacked on one shared time axis.
 //!
-//! The output format follows the file name: `.svg` (text as SVG text, no font needed) or `.png`
-//! (text rasterised with a TrueType font found at run time: `GOVERNOR_FONT`, or DejaVu Sans /
-//! Liberation Sans / Noto Sans in the usual places; install `fonts-dejavu-core` if none is).
+//! The output format follows the file name: `.svg` or `.png`. Both lay text out with a TrueType
+//! font found at run time (`GOVERNOR_FONT`, or DejaVu Sans / Liberation Sans / Noto Sans in the
+//! usual places; install `fonts-dejavu-core` if there is none).
 
 use std::path::Path;
 
@@ -76,6 +76,8 @@ pub fn render(ticks: &[Tick], out: &Path, title: &str) -> anyhow::Result<()> {
     let size = (1200u32, 1400u32);
     match out.extension().and_then(|e| e.to_str()) {
         Some("svg") => {
+            // text is measured for layout even in SVG
+            register_font()?;
             let root = SVGBackend::new(out, size).into_drawing_area();
             draw(root, ticks, title)
         }

@@ -456,6 +456,10 @@ impl Governor {
             } else {
                 self.scale(now);
                 self.dispatch(now)?;
+                // N(t) and the busy sessions are integrated at every change, not sampled at
+                // ticks: the efficiency and utilization are time-averages (claims 4, 5).
+                let (ready, busy) = (self.sup.count(WorkerState::Ready), self.busy_sessions());
+                self.meter.level(now, ready, busy);
             }
             if now >= self.next_flush {
                 self.flush()?;
@@ -498,7 +502,7 @@ impl Governor {
         self.sup
             .workers()
             .iter()
-            .filter(|w| w.state == WorkerState::Ready)
+            .filter(|w| w.state == WorkerState::Ready && !w.aborted)
             .map(|w| s.saturating_sub(w.inflight.len()))
             .sum()
     }
@@ -899,7 +903,7 @@ impl Governor {
                 .sup
                 .workers()
                 .iter()
-                .filter(|w| w.state == WorkerState::Ready && w.inflight.len() < s)
+                .filter(|w| w.state == WorkerState::Ready && !w.aborted && w.inflight.len() < s)
                 .min_by_key(|w| w.inflight.len())
                 .map(|w| w.incarnation)
             else {
@@ -920,7 +924,10 @@ impl Governor {
             self.pacer.take(1);
             n -= 1;
         }
-        if n > 0 {
+        // Tokens with no work to use them are dropped. Tokens waiting for a free session are
+        // kept (at most the pacer's 20 ms burst), so a moment with every session busy does
+        // not cost rate: that is what lets the pool run close to full utilization.
+        if n > 0 && self.ready.is_empty() {
             self.pacer.forfeit();
         }
         Ok(())
@@ -1027,7 +1034,16 @@ impl Governor {
             drain_budget_s: interval_s,
             window,
         };
-        let d = control::decide(&inputs, &self.ctl);
+        let mut d = control::decide(&inputs, &self.ctl);
+        if self.cfg.control == crate::config::ControlMode::Off {
+            // No controller: a fixed pool at the target rate (the static-MTA baseline).
+            d.workers = self.cfg.min_workers as usize;
+            d.rate = target;
+            d.kill = false;
+            d.rate_action = control::RateAction::Hold;
+            d.state.factor = 1.0;
+            d.reason = format!("control off: fixed {} workers at {target:.1}/s", d.workers);
+        }
         let retry = self.retry_tick(&inputs.window);
         self.backlog_seen = !self.ready.is_empty();
         if d.workers != self.desired || d.rate_action != control::RateAction::Hold {

@@ -604,18 +604,31 @@ struct Token {
 
 /// Joins tokens after `Name:` and folds at white space so lines stay within 78 octets where
 /// possible (never beyond 998: tokens are at most 76 octets).
+///
+/// White space comes from merge data too, so two guards (both found by fuzzing): trailing white
+/// space (a token without text) is dropped, since after a fold it would make a line of only
+/// white space; and a run of white space that would overflow the line is cut to one character,
+/// since a value can hold thousands of blanks in a row.
 fn fold(name: &str, tokens: &[Token]) -> String {
     let mut out = format!("{name}:");
     let mut line_len = out.len();
     for t in tokens {
-        let add = t.ws.len() + t.text.len();
-        if !t.ws.is_empty() && line_len + add > FOLD_AT && line_len > name.len() + 1 {
-            out.push_str("\r\n");
-            line_len = 0;
+        if t.text.is_empty() {
+            continue;
         }
-        out.push_str(&t.ws);
+        let mut ws = t.ws.as_str();
+        if !ws.is_empty() && line_len + ws.len() + t.text.len() > FOLD_AT {
+            if line_len > name.len() + 1 {
+                out.push_str("\r\n");
+                line_len = 0;
+            }
+            if line_len + ws.len() + t.text.len() > FOLD_AT {
+                ws = &ws[..1];
+            }
+        }
+        out.push_str(ws);
         out.push_str(&t.text);
-        line_len += add;
+        line_len += ws.len() + t.text.len();
     }
     out
 }

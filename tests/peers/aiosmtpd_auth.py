@@ -42,7 +42,8 @@ def main():
         with lock:
             log.write("%s %s\n" % (mechanism, "ok" if ok else "fail"))
             log.flush()
-        return AuthResult(success=ok)
+        # handled=False: aiosmtpd then answers a failure with 535 itself
+        return AuthResult(success=ok, handled=False)
 
     controller = Controller(
         Store(args.dir),

@@ -509,7 +509,9 @@ fn bad_rows_are_invalid_with_line_and_reason_and_the_run_continues() {
                  JOIN campaigns c ON c.id = j.campaign_id WHERE c.name = ?1 ORDER BY j.line",
             )
             .unwrap()
-            .query_map([case.name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .query_map([case.name], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?, r.get(3)?))
+            })
             .unwrap()
             .map(Result::unwrap)
             .collect();

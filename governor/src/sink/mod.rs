@@ -278,6 +278,11 @@ fn validate(opts: &SinkOptions) -> anyhow::Result<()> {
         );
     }
     anyhow::ensure!(
+        opts.latency_sigma.is_finite() && opts.latency_sigma >= 0.0,
+        "sink latency_sigma must be a number >= 0, got {}",
+        opts.latency_sigma
+    );
+    anyhow::ensure!(
         opts.tempfail_pct + opts.permfail_pct <= 100.0,
         "sink tempfail_pct + permfail_pct must not exceed 100, got {} + {}",
         opts.tempfail_pct,

@@ -77,6 +77,9 @@ pub struct Worker {
     pub completed: u64,
     /// Messages this worker delivered.
     pub delivered: u64,
+    /// SIGKILLed for misbehaving and not yet reaped: it must get no more jobs (its state is
+    /// kept so that its exit still counts as a failure).
+    pub aborted: bool,
     child: Child,
     stream: UnixStream,
 }
@@ -183,6 +186,7 @@ impl Supervisor {
             campaigns: HashSet::new(),
             completed: 0,
             delivered: 0,
+            aborted: false,
             child,
             stream,
         });
@@ -242,6 +246,7 @@ impl Supervisor {
     /// is kept, so its exit counts as a failure for the restart policy.
     pub fn abort(&mut self, incarnation: u64) {
         if let Some(w) = self.get_mut(incarnation) {
+            w.aborted = true;
             let pid = Pid::from_raw(w.pid as i32);
             if killpg(pid, Signal::SIGKILL).is_err() {
                 let _ = w.child.kill();

@@ -378,6 +378,37 @@ fn long_merge_values_in_headers_are_folded() {
     );
 }
 
+/// Regression (found by the render fuzz target): white space at the end of a merge value was
+/// folded onto a line of its own (a header line of only blanks), and a long run of blanks from
+/// merge data made a header line longer than 998 octets.
+#[test]
+fn blanks_in_header_merge_values_never_make_blank_or_overlong_lines() {
+    let tpl = "Subject: =?UTF-8?B?SGk=?= {{ n }}\nX-Note: {{ n }}\nTo: {{ e }}\n\nb";
+    let cases = [
+        format!("{}   ", "w ".repeat(40)),
+        "word\t \t".to_string(),
+        format!("a{}b", " ".repeat(2000)),
+        format!("a{}b", "\t".repeat(2000)),
+        format!("{}x", " ".repeat(1500)),
+        " ".repeat(1500),
+        "\r\n \r\n ".to_string(),
+    ];
+    for n in &cases {
+        let r = render(tpl, &["n", "e"], "a@example.com", &[n, "a@example.com"]).unwrap();
+        assert_wire_clean(&r.bytes);
+        let m = text(&r);
+        let head = m.split("\r\n\r\n").next().unwrap();
+        for line in head.split("\r\n") {
+            assert!(!line.trim().is_empty(), "blank header line for {n:?}:\n{head}");
+            assert!(line.len() <= 78, "line of {} octets for {n:?}", line.len());
+        }
+        assert_eq!(header_names(&m), ["subject", "x-note", "to", "message-id"]);
+        // The words survive; only blank runs may shrink.
+        let words = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(words(&header_value(&m, "X-Note")), words(n), "{n:?}");
+    }
+}
+
 #[test]
 fn envelope_comes_from_the_recipient_with_idn_and_utf8() {
     let t = "To: {{ e }}\n\nb";
