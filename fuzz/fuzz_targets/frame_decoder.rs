@@ -165,7 +165,10 @@ fn check<T: DeserializeOwned + Serialize + Debug + PartialEq>(stream: &[u8], see
     let (a, end_a) = via_decoder::<T>(stream, seed);
     let (b, end_b) = via_reader::<T>(stream, seed);
     assert_eq!(a, b, "FrameDecoder and read_frame disagree on the messages");
-    assert_eq!(end_a, end_b, "FrameDecoder and read_frame disagree on the end");
+    assert_eq!(
+        end_a, end_b,
+        "FrameDecoder and read_frame disagree on the end"
+    );
     for m in &a {
         let frame = encode(m).expect("a decoded message re-encodes");
         let again: T = decode_payload(&frame[4..]).expect("a re-encoded message decodes");

@@ -50,7 +50,10 @@ fuzz_target!(|data: &[u8]| {
     for row in r.by_ref() {
         let line = row.line();
         assert!(line > last, "line {line} after line {last}: {row:?}");
-        assert!(line <= line_ends + 1, "line {line} of {line_ends} line ends");
+        assert!(
+            line <= line_ends + 1,
+            "line {line} of {line_ends} line ends"
+        );
         last = line;
         match row {
             Row::Valid { email, values, .. } => {

@@ -9,7 +9,8 @@
 //! Invariants: never a panic; an error is an address or message error, never a template error
 //! (merge data cannot break the template); rendering is deterministic; on success the header
 //! block has exactly the template's header fields in order, minus `Bcc`, plus
-//! `Content-Transfer-Encoding` when a long merged body line forced quoted-printable, plus
+//! `Content-Transfer-Encoding` (and `MIME-Version` if missing) when a long merged body line
+//! forced quoted-printable, plus
 //! `Message-ID` when the template had none; no bare CR or LF anywhere; no line over 998 octets;
 //! no header line of only white space; no NUL and no internal sentinel character in the header;
 //! the envelope recipient has no control characters.
@@ -28,12 +29,18 @@ const TEMPLATES: [(&str, &[&str]); 5] = [
         include_str!("templates/addresses.eml"),
         &["email", "name", "note"],
     ),
-    (include_str!("templates/body.eml"), &["email", "name", "note"]),
+    (
+        include_str!("templates/body.eml"),
+        &["email", "name", "note"],
+    ),
     (
         include_str!("templates/multipart.eml"),
         &["email", "name", "note"],
     ),
-    (include_str!("templates/quoted.eml"), &["email", "name", "note"]),
+    (
+        include_str!("templates/quoted.eml"),
+        &["email", "name", "note"],
+    ),
 ];
 
 /// Header field names of a template (before its first empty line), as written.
@@ -96,7 +103,11 @@ fuzz_target!(|data: &[u8]| {
         Err(e @ RenderError::Template { .. }) => panic!("merge data broke the template: {e}"),
         Err(RenderError::Address { .. } | RenderError::Message(_)) => return,
     };
-    assert_eq!(renderer.render(&job).as_ref(), Ok(&out), "not deterministic");
+    assert_eq!(
+        renderer.render(&job).as_ref(),
+        Ok(&out),
+        "not deterministic"
+    );
 
     let bytes = &out.bytes;
     check_lines(bytes);
@@ -106,7 +117,10 @@ fuzz_target!(|data: &[u8]| {
         .map(|i| i + 2)
         .expect("every fixed template has a body");
     let header = std::str::from_utf8(&bytes[..header_len]).expect("header is UTF-8");
-    assert!(!header.contains(['\0', '\u{E000}', '\u{E001}']), "{header:?}");
+    assert!(
+        !header.contains(['\0', '\u{E000}', '\u{E001}']),
+        "{header:?}"
+    );
     let mut got = Vec::new();
     for line in header.strip_suffix("\r\n").unwrap_or(header).split("\r\n") {
         assert!(
@@ -128,11 +142,18 @@ fuzz_target!(|data: &[u8]| {
         && header.contains("\r\nContent-Transfer-Encoding: quoted-printable\r\n")
     {
         want.push("Content-Transfer-Encoding".into());
+        // A Content-Transfer-Encoding needs a MIME-Version (RFC 2045 4).
+        if !has(&want, "mime-version") {
+            want.push("MIME-Version".into());
+        }
     }
     if !has(&want, "message-id") {
         want.push("Message-ID".into());
     }
-    assert_eq!(got, want, "header fields differ from the template's\n{header}");
+    assert_eq!(
+        got, want,
+        "header fields differ from the template's\n{header}"
+    );
     assert!(
         !out.envelope_to.chars().any(char::is_control),
         "control character in envelope recipient {:?}",

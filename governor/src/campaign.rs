@@ -937,9 +937,15 @@ pub(crate) mod tests {
     fn cr_only_and_mixed_line_ends_number_rows_by_physical_line() {
         let lines = |content: &[u8]| -> Vec<u64> {
             let (p, _d) = tmp("cr-lines", content);
-            Recipients::open(&p, 100).unwrap().map(|r| r.line()).collect()
+            Recipients::open(&p, 100)
+                .unwrap()
+                .map(|r| r.line())
+                .collect()
         };
-        assert_eq!(lines(b"email,n\ra@example.com,1\rb@example.com,2\r"), [2, 3]);
+        assert_eq!(
+            lines(b"email,n\ra@example.com,1\rb@example.com,2\r"),
+            [2, 3]
+        );
         assert_eq!(
             lines(b"email,n\r\na@x.org,\"q\rq\"\nb@x.org,2\rc@x.org,3\r\n\r\rd@x.org,4"),
             [2, 4, 5, 8]

@@ -541,19 +541,22 @@ pub fn decide(inp: &Inputs, prev: &State) -> Decision {
                 // The trim corrects what the feed-forward misses: a shortfall while the pool is
                 // still smaller than the feed-forward need (start-up, a step) is not one.
                 let sized = inp.starting == 0 && inp.workers as f64 >= (ff - 1e-9).ceil();
-                let err = if sized && inp.backlog && w.attempts > 0 && rate_action != RateAction::Cut {
-                    rate - w.throughput
-                } else {
-                    0.0
-                };
+                // One-sided: the pacer bounds the rate, so more completions than the rate (jobs
+                // of a higher old rate ending) never mean too many workers; integrating them
+                // would wind the trim down after every step down.
+                let err =
+                    if sized && inp.backlog && w.attempts > 0 && rate_action != RateAction::Cut {
+                        (rate - w.throughput).max(0.0)
+                    } else {
+                        0.0
+                    };
                 let p = KP * err;
                 let unclamped = ff + (p + prev.integral) / e;
                 let pushing_max = err > 0.0 && unclamped.ceil() >= max_w as f64;
-                let pushing_min = err < 0.0 && unclamped.floor() <= inp.min_workers as f64;
                 let band = ERROR_BAND * rate;
                 if err.abs() <= band || idle {
                     state.integral = prev.integral * (-dt / LEAK_TAU_S).exp();
-                } else if !pushing_max && !pushing_min {
+                } else if !pushing_max {
                     let lim = INTEGRAL_MAX * rate;
                     state.integral = (prev.integral + KI * err * dt).clamp(-lim, lim);
                 }
@@ -919,6 +922,14 @@ mod tests {
         }
         assert!(d.state.integral > first);
         assert!(d.reason.contains("trim +"), "{}", d.reason);
+    }
+
+    #[test]
+    fn a_step_down_does_not_wind_the_trim_down() {
+        // Just after the target halved, the old rate's jobs end: 600/s measured against 300/s.
+        let d = decide(&inputs(300.0, 45, window(600.0, 45.0, 0.9)), &with_e(14.0));
+        assert_eq!((d.trim, d.state.integral), (0.0, 0.0), "{}", d.reason);
+        assert_eq!(d.recommended, 22, "{}", d.reason);
     }
 
     #[test]

@@ -86,10 +86,7 @@ pub fn render(ticks: &[Tick], out: &Path, title: &str) -> anyhow::Result<()> {
             let root = BitMapBackend::new(out, size).into_drawing_area();
             draw(root, ticks, title)
         }
-        _ => bail!(
-            "{}: the output must end in .svg or .png",
-            out.display()
-        ),
+        _ => bail!("{}: the output must end in .svg or .png", out.display()),
     }
     .with_context(|| format!("while drawing {}", out.display()))
 }
@@ -146,9 +143,7 @@ fn draw<DB: DrawingBackend>(
 ) -> anyhow::Result<()> {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow::anyhow!("{e:?}");
     root.fill(&WHITE).map_err(err)?;
-    let root = root
-        .titled(title, ("sans-serif", 22))
-        .map_err(err)?;
+    let root = root.titled(title, ("sans-serif", 22)).map_err(err)?;
     let t0 = ticks[0].time - ticks[0].period_s;
     let x = |t: &Tick| t.time - t0;
     let x_max = ticks.iter().map(x).fold(1.0, f64::max);
@@ -172,7 +167,11 @@ fn draw<DB: DrawingBackend>(
         (
             "workers",
             vec![
-                ("allocated (ready + starting)", blue, col(&|t| t.workers + t.starting)),
+                (
+                    "allocated (ready + starting)",
+                    blue,
+                    col(&|t| t.workers + t.starting),
+                ),
                 ("desired", orange, col(&|t| t.desired)),
             ],
         ),
@@ -180,7 +179,11 @@ fn draw<DB: DrawingBackend>(
             "efficiency (msgs/s per worker)",
             vec![
                 ("E = R / avg workers", blue, col(&|t| t.efficiency)),
-                ("E busy (smoothed)", orange, col(&|t| t.e_busy.unwrap_or(0.0))),
+                (
+                    "E busy (smoothed)",
+                    orange,
+                    col(&|t| t.e_busy.unwrap_or(0.0)),
+                ),
             ],
         ),
         (

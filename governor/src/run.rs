@@ -287,6 +287,9 @@ struct Governor {
     last_decision: Instant,
     /// The last decision asked to shed by killing busy workers rather than draining them.
     kill_shed: bool,
+    /// A worker may have exited: reap at the next turn of the loop.
+    reap_due: bool,
+    next_reap: Instant,
     stopping: Option<Instant>,
     escalated: Option<String>,
     backlog_seen: bool,
@@ -363,6 +366,8 @@ pub fn run(cfg: Config, opts: RunOptions) -> Result<Summary, RunError> {
         started_unix: unix_now(),
         last_decision: now,
         kill_shed: false,
+        reap_due: false,
+        next_reap: now,
         stopping: None,
         escalated: None,
         backlog_seen: false,
@@ -437,7 +442,13 @@ impl Governor {
             while let Ok(ev) = self.rx.try_recv() {
                 self.handle(ev)?;
             }
-            self.reap();
+            // try_wait on every worker is a syscall each: reap on SIGCHLD (or a closed socket),
+            // and poll every 250 ms in case a signal was coalesced.
+            if self.reap_due || Instant::now() >= self.next_reap {
+                self.reap_due = false;
+                self.next_reap = Instant::now() + Duration::from_millis(250);
+                self.reap();
+            }
             if let Some(why) = &self.escalated {
                 error!("{why}");
                 return Ok(Status::WorkersFailing);
@@ -509,7 +520,7 @@ impl Governor {
 
     fn handle(&mut self, ev: Event) -> Result<(), RunError> {
         match ev {
-            Event::Signal(Sig::Child) => {}
+            Event::Signal(Sig::Child) => self.reap_due = true,
             Event::Signal(Sig::Reload) => self.reload(),
             Event::Signal(Sig::Stop) => {
                 if self.stopping.is_some() {
@@ -530,6 +541,7 @@ impl Governor {
             }
             Event::Worker(inc, WorkerEvent::Frame(msg)) => self.on_frame(inc, msg),
             Event::Worker(inc, WorkerEvent::Closed(why)) => {
+                self.reap_due = true;
                 if let Some(w) = self.sup.get(inc) {
                     let (slot, pid, state) = (w.slot, w.pid, w.state);
                     if state == WorkerState::Ready || state == WorkerState::Starting {

@@ -128,7 +128,11 @@ impl Run {
     fn recent(&self, n: usize) -> (f64, f64) {
         let t = self.ticks();
         let last = &t[t.len().saturating_sub(n)..];
-        let f = |k: &str| last.iter().map(|v| v[k].as_f64().unwrap_or(0.0)).sum::<f64>();
+        let f = |k: &str| {
+            last.iter()
+                .map(|v| v[k].as_f64().unwrap_or(0.0))
+                .sum::<f64>()
+        };
         (
             f("throughput") / last.len() as f64,
             (f("workers") + f("starting")) / last.len() as f64,
@@ -160,7 +164,8 @@ fn children(pid: u32) -> Vec<i32> {
         let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        if let Ok(stat) = std::fs::read_to_string(Path::new("/proc").join(p.to_string()).join("stat"))
+        if let Ok(stat) =
+            std::fs::read_to_string(Path::new("/proc").join(p.to_string()).join("stat"))
             && let Some(rest) = stat.rsplit_once(')').map(|x| x.1)
             && rest.split_whitespace().nth(1) == Some(&pid.to_string())
         {
@@ -183,7 +188,10 @@ fn sighup_target_change_moves_rate_and_workers_in_the_right_direction() {
     run.signal(nix::sys::signal::Signal::SIGHUP);
     run.wait_ticks(10, Duration::from_secs(60));
     let (r_high, n_high) = run.recent(4);
-    assert!(r_high > 2.0 * r_low, "rate did not rise: {r_low} -> {r_high}");
+    assert!(
+        r_high > 2.0 * r_low,
+        "rate did not rise: {r_low} -> {r_high}"
+    );
     assert!(n_high > n_low, "workers did not rise: {n_low} -> {n_high}");
     assert!(
         run.log.iter().any(|l| l.contains("target_rate 40 -> 160")),
@@ -191,8 +199,10 @@ fn sighup_target_change_moves_rate_and_workers_in_the_right_direction() {
     );
     let t = run.ticks();
     assert!(
-        t.iter()
-            .any(|v| v["reason"].as_str().unwrap_or("").contains("target 40.0/s -> 160.0/s")),
+        t.iter().any(|v| v["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("target 40.0/s -> 160.0/s")),
         "the control log does not explain the change"
     );
     // down again: the rate falls at once (pacer); workers follow after the scale-down window
@@ -200,8 +210,14 @@ fn sighup_target_change_moves_rate_and_workers_in_the_right_direction() {
     run.signal(nix::sys::signal::Signal::SIGHUP);
     run.wait_ticks(16, Duration::from_secs(60));
     let (r_back, n_back) = run.recent(3);
-    assert!(r_back < 0.6 * r_high, "rate did not fall: {r_high} -> {r_back}");
-    assert!(n_back < n_high, "workers did not fall: {n_high} -> {n_back}");
+    assert!(
+        r_back < 0.6 * r_high,
+        "rate did not fall: {r_high} -> {r_back}"
+    );
+    assert!(
+        n_back < n_high,
+        "workers did not fall: {n_high} -> {n_back}"
+    );
     run.signal(nix::sys::signal::Signal::SIGTERM);
     let st = run.child.wait().unwrap();
     assert_eq!(st.code(), Some(3), "{:?}", run.log);
@@ -213,10 +229,16 @@ fn killed_workers_are_replaced_within_the_restart_policy() {
     let mut run = start("kill", s.addr.port(), 200.0);
     run.wait_ticks(8, Duration::from_secs(60));
     let kids = children(run.child.id());
-    assert!(kids.len() >= 4, "expected a pool of several workers, got {kids:?}");
+    assert!(
+        kids.len() >= 4,
+        "expected a pool of several workers, got {kids:?}"
+    );
     let victims: Vec<i32> = kids[..kids.len() / 4].to_vec();
     for &v in &victims {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(v), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(v),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     // replaced: as many workers as before, none of them a victim, within 20 s
     let t0 = Instant::now();
@@ -230,7 +252,11 @@ fn killed_workers_are_replaced_within_the_restart_policy() {
             t0.elapsed() < Duration::from_secs(20),
             "workers not replaced: before {kids:?}, killed {victims:?}, now {now:?}"
         );
-        assert!(run.child.try_wait().unwrap().is_none(), "governor exited: {:?}", run.log);
+        assert!(
+            run.child.try_wait().unwrap().is_none(),
+            "governor exited: {:?}",
+            run.log
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     run.wait_ticks(4, Duration::from_secs(30));

@@ -14,6 +14,8 @@ Modes:
   garbage         handshake, then a frame whose payload is not a message
   huge            handshake, then a length prefix of 0xffffffff (4 GiB)
   unknown_variant handshake, then a frame with an enum variant no version defines
+  stop_reading    handshake, take a job, shut down its reading side, defer the job (freeing a
+                  session) so the governor's next job write fails with EPIPE; stay alive
   foreign_outcome run the real worker behind a relay and, after its first outcome, inject
                   outcomes for a job id that was never leased and for the right job with a
                   wrong lease id, then forward the real outcome, then send it a second time.
@@ -78,15 +80,15 @@ def hello(version, pid):
     return frame(varint(0) + varint(version) + varint(pid))
 
 
-def outcome_payload(job_id, lease_id, text=b"250 fake"):
-    # ToGovernor::Outcome (variant 1) of JobOutcome { job_id, lease_id, kind: Delivered (0),
-    # code: 250, enhanced: None, text, stage: FinalDot (7), latency_ms: 1, session: 0 }
+def outcome_payload(job_id, lease_id, text=b"250 fake", kind=0, code=250):
+    # ToGovernor::Outcome (variant 1) of JobOutcome { job_id, lease_id, kind (0 Delivered,
+    # 1 Deferred), code, enhanced: None, text, stage: FinalDot (7), latency_ms: 1, session: 0 }
     return (
         varint(1)
         + varint(job_id)
         + varint(lease_id)
-        + varint(0)
-        + varint(250)
+        + varint(kind)
+        + varint(code)
         + b"\x00"
         + varint(len(text))
         + text
@@ -204,6 +206,20 @@ def main():
         misbehave_then_wait(sock, frame(b"\xff" * 8))
     elif mode == "huge":
         misbehave_then_wait(sock, b"\xff\xff\xff\xff" + b"\x00" * 64)
+    elif mode == "stop_reading":
+        handshake(sock)
+        # Wait for a job, stop reading, then free a session (a deferral, so the job is retried
+        # elsewhere): the governor's next job write fails with EPIPE.
+        while True:
+            payload = read_frame(sock)
+            if payload[:1] == b"\x03":
+                job_id, i = read_varint(payload, 1)
+                lease_id, _ = read_varint(payload, i)
+                break
+        sock.shutdown(socket.SHUT_RD)
+        log("stopped reading; deferring job %d" % job_id)
+        sock.sendall(frame(outcome_payload(job_id, lease_id, b"451 fake", kind=1, code=451)))
+        time.sleep(60)
     elif mode == "unknown_variant":
         misbehave_then_wait(sock, frame(b"\x63"))
     else:

@@ -86,7 +86,12 @@ fn ledger_rcpts(dir: &std::path::Path) -> Vec<String> {
                 .cloned()
                 .unwrap_or_default()
                 .into_iter()
-                .map(|v| v.as_str().unwrap_or("").trim_matches(['<', '>']).to_string())
+                .map(|v| {
+                    v.as_str()
+                        .unwrap_or("")
+                        .trim_matches(['<', '>'])
+                        .to_string()
+                })
         })
         .collect()
 }
@@ -109,14 +114,18 @@ fn receiver_away_for_10s_defers_then_delivers_and_bounces_nothing() {
     let cfg = camp.write();
     let run = spawn_governor(&cfg, None, &[]);
     assert!(
-        wait_until(Duration::from_secs(60), || ledger_rcpts(&first).len() >= 300
+        wait_until(Duration::from_secs(60), || ledger_rcpts(&first).len()
+            >= 300
             || !alive(run.pid())),
         "no progress\n{}",
         tail(&run.stderr_now(), 3000)
     );
     sink.kill_all();
     let at_outage = ledger_rcpts(&first).len();
-    assert!(at_outage < N, "campaign finished before the outage; raise N");
+    assert!(
+        at_outage < N,
+        "campaign finished before the outage; raise N"
+    );
     std::thread::sleep(Duration::from_secs(10));
     assert!(alive(run.pid()), "the governor gave up during the outage");
     let _sink2 = sink_on(port, &second);

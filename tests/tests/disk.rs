@@ -25,7 +25,13 @@ impl Mount {
         }
         fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
             .arg(dir)
             .output()
             .map_err(|e| format!("cannot run mount: {e}"))?;
@@ -108,7 +114,10 @@ fn spool_filesystem_full_pauses_dispatch_and_resumes_when_space_returns() {
     let filler = mnt.join("filler");
     let filled = fill(&filler);
     let at_fill = peer.count();
-    assert!(at_fill < N, "campaign finished before the disk was filled; raise N");
+    assert!(
+        at_fill < N,
+        "campaign finished before the disk was filled; raise N"
+    );
 
     // The failure is reported and dispatch pauses: the receiver stops growing (what was already
     // handed to workers may still arrive).
@@ -129,7 +138,10 @@ fn spool_filesystem_full_pauses_dispatch_and_resumes_when_space_returns() {
         paused_b - paused_a <= 2 * 4 * 2,
         "deliveries went on while the spool could not record them: {paused_a} -> {paused_b} in 2 s"
     );
-    assert!(alive(run.pid()), "the governor exited while the disk was full");
+    assert!(
+        alive(run.pid()),
+        "the governor exited while the disk was full"
+    );
 
     // Space returns: it resumes on its own and finishes.
     let t = Instant::now();

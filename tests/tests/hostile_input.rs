@@ -140,11 +140,7 @@ const MUST_NOT_START: &[Case] = &[
             c.extra_top = "\n[limits]\ntemplate_max_bytes = \"1 MiB\"\n".into();
         },
         after_write: keep,
-        names: &[
-            &["config.toml"],
-            &["template_max_bytes"],
-            &["invalid type"],
-        ],
+        names: &[&["config.toml"], &["template_max_bytes"], &["invalid type"]],
         launch: Launch::Plain,
     },
     Case {
@@ -253,7 +249,11 @@ const MUST_NOT_START: &[Case] = &[
             );
         },
         after_write: keep,
-        names: &[&["news.eml"], &["line 6", "line 7", "line 8"], &["syntax error"]],
+        names: &[
+            &["news.eml"],
+            &["line 6", "line 7", "line 8"],
+            &["syntax error"],
+        ],
         launch: Launch::Plain,
     },
     Case {
@@ -265,7 +265,12 @@ const MUST_NOT_START: &[Case] = &[
             );
         },
         after_write: keep,
-        names: &[&["news.eml"], &["line 5"], &["first_name"], &["email, name"]],
+        names: &[
+            &["news.eml"],
+            &["line 5"],
+            &["first_name"],
+            &["email, name"],
+        ],
         launch: Launch::Plain,
     },
     Case {
@@ -341,7 +346,8 @@ fn launch(cfg: &Path, launch: Launch, scratch: &Path) -> Outcome {
     if status.is_none() {
         p.kill_all();
     }
-    let read = |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
+    let read =
+        |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
     Outcome {
         code: status.and_then(|s| s.code()),
         stdout: read(&out_path),
@@ -368,8 +374,11 @@ fn input_that_cannot_start_a_run_exits_2_names_it_and_sends_nothing() {
     let mut failures = Vec::new();
     for (i, case) in MUST_NOT_START.iter().enumerate() {
         let dir = tmp.join(&format!("case{i}"));
-        let mut camp =
-            Campaign::new(&dir, peer.port).campaign("news", numbered_recipients(5), SIMPLE_TEMPLATE);
+        let mut camp = Campaign::new(&dir, peer.port).campaign(
+            "news",
+            numbered_recipients(5),
+            SIMPLE_TEMPLATE,
+        );
         (case.setup)(&mut camp);
         let written = camp.write();
         let cfg = (case.after_write)(&camp).unwrap_or(written);
@@ -378,8 +387,17 @@ fn input_that_cannot_start_a_run_exits_2_names_it_and_sends_nothing() {
             "{} (exit {:?}, stderr {:?})",
             case.name, out.code, out.stderr
         );
-        eprintln!("{}: exit {:?}: {}", case.name, out.code, out.stderr.trim_end());
-        let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        eprintln!(
+            "{}: exit {:?}: {}",
+            case.name,
+            out.code,
+            out.stderr.trim_end()
+        );
+        let lines: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
         if out.code != Some(2) {
             failures.push(format!("{who}: exit code, want 2"));
         }
@@ -431,7 +449,9 @@ struct BadRows {
 const BAD_ROWS: &[BadRows] = &[
     BadRows {
         name: "utf8",
-        content: || b"email,name\r\na@example.com,Al\r\nb@example.com,B\xffb\r\nc@example.com,C\xc3\r\nd@example.com,D\xc3\xa9\r\n".to_vec(),
+        content: || {
+            b"email,name\r\na@example.com,Al\r\nb@example.com,B\xffb\r\nc@example.com,C\xc3\r\nd@example.com,D\xc3\xa9\r\n".to_vec()
+        },
         delivered: &["a@example.com", "d@example.com"],
         invalid: &[
             (3, "invalid UTF-8 in field `name` at byte 1"),
@@ -553,7 +573,10 @@ fn bad_rows_are_invalid_with_line_and_reason_and_the_run_continues() {
                 .lines()
                 .any(|l| l.contains(&needle) && l.contains(reason))
             {
-                failures.push(format!("{}: no log line {needle:?} ... {reason:?}", case.name));
+                failures.push(format!(
+                    "{}: no log line {needle:?} ... {reason:?}",
+                    case.name
+                ));
             }
         }
     }

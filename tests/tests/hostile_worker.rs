@@ -7,7 +7,8 @@
 //! exit 4, every job still queued in the spool, nothing sent); and fake workers
 //! (`peers/fake_worker.py`, speaking the real framing) that send garbage, a 4 GiB length prefix or
 //! an unknown enum variant after a proper handshake - that worker is killed, its jobs requeued,
-//! a real worker replaces it (the restart is counted) and the campaign completes. The last case
+//! a real worker replaces it (the restart is counted) and the campaign completes; likewise one
+//! that stops reading its socket (the governor's write fails). The last case
 //! relays a real worker and injects outcomes for a job id it was never leased, for its job
 //! with a wrong lease id, and the same outcome twice: each is rejected and logged, and every job
 //! is still delivered exactly once. In every case the governor's stderr has no "panicked".
@@ -106,6 +107,13 @@ const CASES: &[Case] = &[
         worker: |d| fake(d, "unknown_variant", true),
         expect: Expect::Replaced(&["undecodable frame", "restarting"]),
     },
+    // Regression: a worker whose socket fails a write was aborted but stayed eligible until
+    // reaped, and dispatch retried it in a hot loop (a GB of "cannot take a job" per minute).
+    Case {
+        name: "worker stops reading its socket",
+        worker: |d| fake(d, "stop_reading", true),
+        expect: Expect::Replaced(&["cannot take a job", "restarting"]),
+    },
     Case {
         name: "outcomes for jobs not leased to the worker",
         worker: |d| fake(d, "foreign_outcome", false),
@@ -143,6 +151,10 @@ fn run_case(tmp: &TestDir, i: usize, case: &Case) -> Vec<String> {
     eprintln!("--- {who}\n{}", tail(&out.stderr, 1500));
     if out.stderr.contains("panicked") {
         problems.push(format!("{who}: the governor panicked"));
+    }
+    let lines = out.stderr.lines().count();
+    if lines > 400 {
+        problems.push(format!("{who}: {lines} lines on stderr: a hot loop?"));
     }
     let need = |problems: &mut Vec<String>, words: &[&str]| {
         for w in words {

@@ -63,8 +63,16 @@ fn workers_run_as_the_configured_user_on_a_socketpair() {
     );
     let want_ids = |id: u32| format!("{id} {id} {id} {id}");
     for &pid in &workers {
-        assert_eq!(status_field(pid, "Uid"), Some(want_ids(uid)), "worker {pid} Uid");
-        assert_eq!(status_field(pid, "Gid"), Some(want_ids(gid)), "worker {pid} Gid");
+        assert_eq!(
+            status_field(pid, "Uid"),
+            Some(want_ids(uid)),
+            "worker {pid} Uid"
+        );
+        assert_eq!(
+            status_field(pid, "Gid"),
+            Some(want_ids(gid)),
+            "worker {pid} Gid"
+        );
         assert_eq!(
             status_field(pid, "Groups"),
             Some(gid.to_string()),
@@ -102,7 +110,12 @@ fn workers_run_as_the_configured_user_on_a_socketpair() {
         let log = camp.log_dir().join(format!("worker-{slot}.log"));
         let meta = fs::metadata(&log).expect("worker log");
         use std::os::unix::fs::MetadataExt;
-        assert_eq!((meta.uid(), meta.gid()), (uid, gid), "{} owner", log.display());
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (uid, gid),
+            "{} owner",
+            log.display()
+        );
         assert!(meta.len() > 0, "{} is empty", log.display());
     }
 }
@@ -221,10 +234,11 @@ fn leaks(haystack: &[u8], needles: &[String]) -> Option<String> {
 
 /// A campaign in `dir` with AUTH (`password`) and DKIM (`key_file`); returns it and its config.
 fn secret_campaign(dir: &Path, port: u16, password: &str, key_file: &Path) -> (Campaign, PathBuf) {
-    let mut camp = Campaign::new(dir, port)
-        .rate(200.0)
-        .workers(1, 2)
-        .campaign("secret", numbered_recipients(30), SIMPLE_TEMPLATE);
+    let mut camp = Campaign::new(dir, port).rate(200.0).workers(1, 2).campaign(
+        "secret",
+        numbered_recipients(30),
+        SIMPLE_TEMPLATE,
+    );
     camp.max_attempts = 2;
     camp.retry_min_interval = 0.2;
     camp.retry_max_interval = 0.5;
@@ -305,9 +319,16 @@ fn secrets_never_appear_in_logs_spool_or_output() {
         tail(&out.stderr, 3000)
     );
     assert_eq!(out.summary()["delivered"], 0, "{}", out.summary());
-    assert_eq!(stored_count(&store), 30, "a wrong password delivered something");
+    assert_eq!(
+        stored_count(&store),
+        30,
+        "a wrong password delivered something"
+    );
     let auth_log = fs::read_to_string(tmp.join("auth.log")).unwrap_or_default();
-    assert!(auth_log.contains("fail"), "the server saw no failed AUTH: {auth_log}");
+    assert!(
+        auth_log.contains("fail"),
+        "the server saw no failed AUTH: {auth_log}"
+    );
     let reasons: Vec<String> = bad
         .delivery_log()
         .iter()
@@ -318,9 +339,10 @@ fn secrets_never_appear_in_logs_spool_or_output() {
 
     // 3. A malformed password value in the config is refused without quoting it.
     let (cfg_camp, cfg_path) = secret_campaign(&tmp.join("cfg"), port, PASSWORD, &key_file);
-    let text = fs::read_to_string(&cfg_path)
-        .unwrap()
-        .replace(&format!("password = \"{PASSWORD}\""), "password = 739184562018");
+    let text = fs::read_to_string(&cfg_path).unwrap().replace(
+        &format!("password = \"{PASSWORD}\""),
+        "password = 739184562018",
+    );
     cfg_camp.rewrite_config(&text);
     let out = run_governor(&cfg_path, &[], Duration::from_secs(30));
     out.expect_code(2);

@@ -366,9 +366,7 @@ mod tests {
         // decide follows: 20% 4xx during the surge, none outside
         let share = |t: f64| {
             (1..=5000)
-                .filter(|&q| {
-                    p.decide(q, Duration::from_secs_f64(t)).verdict == Verdict::TempFail
-                })
+                .filter(|&q| p.decide(q, Duration::from_secs_f64(t)).verdict == Verdict::TempFail)
                 .count() as f64
                 / 50.0
         };

@@ -399,7 +399,10 @@ fn blanks_in_header_merge_values_never_make_blank_or_overlong_lines() {
         let m = text(&r);
         let head = m.split("\r\n\r\n").next().unwrap();
         for line in head.split("\r\n") {
-            assert!(!line.trim().is_empty(), "blank header line for {n:?}:\n{head}");
+            assert!(
+                !line.trim().is_empty(),
+                "blank header line for {n:?}:\n{head}"
+            );
             assert!(line.len() <= 78, "line of {} octets for {n:?}", line.len());
         }
         assert_eq!(header_names(&m), ["subject", "x-note", "to", "message-id"]);
