@@ -408,8 +408,10 @@ impl Spool {
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         self.conn.pragma_update(None, "foreign_keys", true)?;
-        // 64 MiB page cache: lease/record touch job rows spread over the whole file.
-        self.conn.pragma_update(None, "cache_size", -65536)?;
+        // 16 MiB page cache: lease/record walk small partial indexes and touch rows in id
+        // order, so a bounded cache serves them; it also caps the governor's memory whatever
+        // the size of the recipients list (measured: peak RSS plateaus, see scripts/rss-recipients).
+        self.conn.pragma_update(None, "cache_size", -16384)?;
         Ok(())
     }
 
