@@ -44,6 +44,26 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// A worker that has not said Hello within this time is killed.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The longest a job may legitimately stay with a worker: every per-stage SMTP deadline of one
+/// attempt added up, plus a margin for rendering and a reconnect.
+pub fn job_deadline(t: &protocol::Timeouts) -> Duration {
+    let ms = [
+        t.connect_ms,
+        t.greeting_ms,
+        t.ehlo_ms,
+        t.mail_ms,
+        t.rcpt_ms,
+        t.data_ms,
+        t.final_dot_ms,
+    ]
+    .iter()
+    .map(|&m| u64::from(m))
+    .sum::<u64>();
+    // A reused connection found dead is retried once on a fresh one: allow two connects.
+    Duration::from_millis(ms + u64::from(t.connect_ms) + u64::from(t.greeting_ms))
+        + Duration::from_secs(5)
+}
+
 /// How the binary wants the run done.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -827,6 +847,29 @@ impl Governor {
                 "worker incarnation {inc} sent no hello within {HANDSHAKE_TIMEOUT:?}: killing it"
             );
             // counted as a failure when reaped: abort keeps the state Starting
+            self.sup.abort(inc);
+        }
+        // A worker that holds a job longer than every SMTP deadline together allows has gone
+        // silent (hung, or stopped answering on its socket): its jobs would otherwise be held
+        // forever. Abort it; its jobs come back flagged in doubt when it is reaped.
+        let limit = job_deadline(&self.cfg.timeouts);
+        let silent: Vec<(u64, u32, u32, usize)> = self
+            .sup
+            .workers()
+            .iter()
+            .filter(|w| {
+                !w.aborted
+                    && w.inflight
+                        .values()
+                        .any(|f| now.saturating_duration_since(f.sent_at) > limit)
+            })
+            .map(|w| (w.incarnation, w.slot, w.pid, w.inflight.len()))
+            .collect();
+        for (inc, slot, pid, n) in silent {
+            warn!(
+                "worker={slot} pid={pid} has held a job for over {:.0}s (all SMTP deadlines together): killing it; its {n} jobs are requeued in doubt",
+                limit.as_secs_f64()
+            );
             self.sup.abort(inc);
         }
         let alive = self.sup.count(WorkerState::Ready) + self.sup.count(WorkerState::Starting);

@@ -16,6 +16,7 @@ Modes:
   unknown_variant handshake, then a frame with an enum variant no version defines
   stop_reading    handshake, take a job, shut down its reading side, defer the job (freeing a
                   session) so the governor's next job write fails with EPIPE; stay alive
+  silent          handshake, then keep reading jobs and never answer any (a hung worker)
   foreign_outcome run the real worker behind a relay and, after its first outcome, inject
                   outcomes for a job id that was never leased and for the right job with a
                   wrong lease id, then forward the real outcome, then send it a second time.
@@ -220,6 +221,14 @@ def main():
         log("stopped reading; deferring job %d" % job_id)
         sock.sendall(frame(outcome_payload(job_id, lease_id, b"451 fake", kind=1, code=451)))
         time.sleep(60)
+    elif mode == "silent":
+        handshake(sock)
+        log("silent: taking jobs, answering none")
+        while True:
+            try:
+                read_frame(sock)
+            except (EOFError, OSError):
+                time.sleep(60)
     elif mode == "unknown_variant":
         misbehave_then_wait(sock, frame(b"\x63"))
     else:

@@ -266,3 +266,40 @@ fn broken_and_hostile_workers_never_take_the_governor_down() {
         problems.join("\n- ")
     );
 }
+
+/// A worker that takes jobs and never answers (hung, or silent on its socket) must not hold
+/// them forever: once a job has been with it longer than every SMTP deadline together allows,
+/// the worker is killed, its jobs are requeued (flagged in doubt) and a real worker delivers them.
+#[test]
+fn a_silent_worker_holding_jobs_is_killed_and_replaced() {
+    let tmp = TestDir::new("silent-worker");
+    let dir = tmp.join("case");
+    let peer = Peer::governor_sink(&tmp.join("received"), &[]);
+    let mut camp = Campaign::new(&dir, peer.port)
+        .rate(200.0)
+        .workers(1, 1)
+        .campaign("silent", numbered_recipients(N), SIMPLE_TEMPLATE);
+    camp.restart_intensity = 3;
+    camp.restart_backoff_max = 0.5;
+    // Short deadlines so that "longer than every deadline together" is a few seconds.
+    camp.extra_top = "timeouts = { connect = 0.2, greeting = 0.2, ehlo = 0.2, mail = 0.2, \
+                      rcpt = 0.2, data = 0.2, final_dot = 0.2, idle = 1.0 }\n"
+        .to_string();
+    let cfg = camp.write();
+    let worker = fake(&dir, "silent", true);
+    let out = spawn_governor(&cfg, Some(&worker), &[]).wait(Duration::from_secs(120));
+    eprintln!("{}", tail(&out.stderr, 1500));
+    assert_eq!(out.code, Some(0), "the run must finish");
+    assert!(
+        out.stderr.contains("has held a job for over"),
+        "the hung worker is named"
+    );
+    assert!(!out.stderr.contains("panicked"));
+    let sum = out.summary();
+    assert!(sum["restarts"].as_u64().unwrap_or(0) >= 1, "{sum}");
+    assert_eq!(sum["delivered"], N as u64, "{sum}");
+    let received = per_recipient(&peer.messages());
+    assert_eq!(received.len(), N, "every recipient reached the receiver");
+    // The jobs the silent worker held were requeued in doubt.
+    assert!(sum["in_doubt"].as_u64().unwrap_or(0) >= 1, "{sum}");
+}
