@@ -525,7 +525,7 @@ impl Governor {
         // Reaping is driven by SIGCHLD; poll now and then in case a signal was coalesced.
         t = t.min(now + Duration::from_millis(250));
         t.saturating_duration_since(now)
-            .max(Duration::from_micros(200))
+            .max(Duration::from_millis(2))
     }
 
     fn free_sessions(&self) -> usize {
