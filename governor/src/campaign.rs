@@ -375,8 +375,19 @@ impl Recipients {
             ));
         }
         if rec.count != self.fields.len() {
+            // A quoted field that runs over a line end and leaves the column count wrong is
+            // most likely a quote that was never closed: it swallowed the lines after it.
+            let spans_lines = rec
+                .fields
+                .iter()
+                .any(|f| f.contains(&b'\n') || f.contains(&b'\r'));
+            let hint = if spans_lines {
+                "; a quoted field runs over several lines: probably an unclosed `\"` that swallowed the rows after it (fix the quote and run again under a new campaign name)"
+            } else {
+                ""
+            };
             return invalid(format!(
-                "wrong number of columns: expected {}, got {}",
+                "wrong number of columns: expected {}, got {}{hint}",
                 self.fields.len(),
                 rec.count
             ));

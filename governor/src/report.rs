@@ -136,6 +136,25 @@ fn register_font() -> anyhow::Result<()> {
 
 type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
 
+/// Index ranges of consecutive ticks of one run. A control log appended to by several runs
+/// (a restart after a crash or a stop) has a gap between them much longer than a tick; the
+/// plot must not draw a line through a time when no governor was running.
+fn segments(ticks: &[Tick]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..ticks.len() {
+        let gap = ticks[i].time - ticks[i - 1].time;
+        if gap > 3.0 * ticks[i].period_s.max(0.05) + 1.0 {
+            out.push(start..i);
+            start = i;
+        }
+    }
+    if start < ticks.len() {
+        out.push(start..ticks.len());
+    }
+    out
+}
+
 fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     ticks: &[Tick],
@@ -221,13 +240,20 @@ fn draw<DB: DrawingBackend>(
             .draw()
             .map_err(err)?;
         for (label, color, pts) in series {
-            chart
-                .draw_series(LineSeries::new(pts, color.stroke_width(2)))
-                .map_err(err)?
-                .label(label)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                });
+            // One line per run: no line is drawn across a gap where no governor was running.
+            for (i, seg) in segments(ticks).iter().enumerate() {
+                let drawn = chart
+                    .draw_series(LineSeries::new(
+                        pts[seg.clone()].to_vec(),
+                        color.stroke_width(2),
+                    ))
+                    .map_err(err)?;
+                if i == 0 {
+                    drawn.label(label).legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                    });
+                }
+            }
         }
         chart
             .configure_series_labels()
@@ -257,6 +283,21 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn a_gap_between_runs_splits_the_lines() {
+        let tick = |time: f64| Tick {
+            time,
+            period_s: 1.0,
+            ..Tick::default()
+        };
+        let ticks: Vec<Tick> = [1.0, 2.0, 3.0, 30.0, 31.0]
+            .iter()
+            .map(|&t| tick(t))
+            .collect();
+        assert_eq!(segments(&ticks), vec![0..3, 3..5]);
+        assert_eq!(segments(&ticks[..3]), vec![0..3]);
     }
 
     #[test]

@@ -223,11 +223,18 @@ fn prepare_campaigns(
             let stats = campaign::ingest_all(spool, &row, recipients, 1000)
                 .map_err(|e| RunError::Setup(format!("campaign `{}`: {e}", c.name)))?;
             info!(
-                "campaign={} ingested rows in {:.1}s: {:?} (from line {})",
+                "campaign={} ingested {} rows in {:.1}s: {} queued, {} invalid (of which {} duplicates){}",
                 c.name,
+                stats.rows,
                 t.elapsed().as_secs_f64(),
-                stats,
-                row.rows_ingested
+                stats.queued,
+                stats.invalid,
+                stats.duplicates,
+                if row.rows_ingested > 0 {
+                    format!(", resumed after row {}", row.rows_ingested)
+                } else {
+                    String::new()
+                }
             );
         }
         for (line, raw, reason) in spool
@@ -655,7 +662,6 @@ impl Governor {
             OutcomeKind::Delivered => (Update::Final(Final::Delivered), "delivered"),
             OutcomeKind::Bounced => (Update::Final(Final::Bounced), "bounced"),
             OutcomeKind::Deferred | OutcomeKind::InDoubt => {
-                self.deferred += 1;
                 let label = if o.kind == OutcomeKind::InDoubt {
                     "in_doubt"
                 } else {
@@ -673,6 +679,9 @@ impl Governor {
                     );
                     (Update::Final(Final::Expired), "expired")
                 } else {
+                    // Counted only when the job is retried: an attempt that expires a job is
+                    // counted under `expired`.
+                    self.deferred += 1;
                     let d = retry_delay(retry, job.attempt, self.jitter.next());
                     (
                         Update::Deferred {
