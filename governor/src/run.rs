@@ -331,11 +331,52 @@ struct Governor {
     total: u64,
 }
 
+/// Takes an exclusive lock on `<spool>.lock` (flock, released by the kernel when the process
+/// dies, so a crash never leaves a stale lock) and writes our pid into it. A second governor on
+/// the same spool is refused before it touches a job.
+fn lock_spool(spool: &Path) -> Result<nix::fcntl::Flock<File>, RunError> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::io::{Read, Seek};
+    let mut name = spool.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| RunError::Setup(format!("spool directory {}: {e}", dir.display())))?;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| RunError::Setup(format!("spool lock {}: {e}", path.display())))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            let _ = lock.set_len(0);
+            let _ = lock.rewind();
+            let _ = write!(*lock, "{}", std::process::id());
+            Ok(lock)
+        }
+        Err((mut file, _)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            Err(RunError::Setup(format!(
+                "spool {} is in use by another governor (pid {}): two governors must never send the same queue; stop it first or give this config its own `spool`",
+                spool.display(),
+                pid.trim()
+            )))
+        }
+    }
+}
+
 /// Runs the configured campaigns to completion.
 pub fn run(cfg: Config, opts: RunOptions) -> Result<Summary, RunError> {
     Supervisor::check_worker(&opts.worker).map_err(RunError::Setup)?;
     std::fs::create_dir_all(&cfg.log_dir)
         .map_err(|e| RunError::Setup(format!("log_dir {}: {e}", cfg.log_dir.display())))?;
+    // Held for the whole run: a second governor on the same spool would send the same queue.
+    let _lock = lock_spool(&cfg.spool)?;
     let mut spool = Spool::open(&cfg.spool).map_err(|e| RunError::Setup(e.to_string()))?;
     let recovered = spool
         .recover()
