@@ -8,6 +8,7 @@
 //! - [`supervisor`]: spawning, reaping, restarting and stopping worker processes.
 //! - [`dispatch`]: the pacer (token bucket) that hands jobs to workers.
 //! - [`control`]: measuring efficiency and deciding the worker count (pure functions).
+//! - [`retry`]: the retry schedule and the adaptive retry limit (pure functions).
 //! - [`target`]: the target rate over time (constant, schedule of steps and ramps, deadline).
 //! - [`report`]: `governor report`, plots of the control log.
 //! - [`deliverylog`]: one JSON line per delivery attempt.

@@ -186,9 +186,6 @@ impl Jitter {
     }
 }
 
-/// Delay before retry number `attempt + 1`; see [`crate::retry::delay`].
-pub use crate::retry::delay as retry_delay;
-
 /// Validates the configured campaigns, ingests their recipients into the spool and returns the
 /// worker-facing specs by campaign id. Errors here are set-up errors: nothing has been sent.
 fn prepare_campaigns(
@@ -723,7 +720,7 @@ impl Governor {
                     // Counted only when the job is retried: an attempt that expires a job is
                     // counted under `expired`.
                     self.deferred += 1;
-                    let d = retry_delay(retry, job.attempt, self.jitter.next());
+                    let d = crate::retry::delay(retry, job.attempt, self.jitter.next());
                     (
                         Update::Deferred {
                             next_attempt_at: now_unix + d.as_secs_f64(),
